@@ -1,0 +1,14 @@
+"""normsurgeon: normalization surgery on pretrained vision models.
+
+    import normsurgeon as ns
+    new = ns.convert(model, to="gn")      # a new model of the same class; model is untouched
+    print(ns.plan(model, to="pn"))         # what would happen, site by site
+    ns.save(new, "gn.pt"); again = ns.load("gn.pt", fresh_model)
+"""
+from .surgery import (ConversionError, ConversionReport, SkipSite, available_targets, convert, plan,
+                      register_source, register_target)
+from .surgery.persist import load, save
+
+__version__ = "0.1.0"
+__all__ = ["convert", "plan", "save", "load", "available_targets", "register_target",
+           "register_source", "ConversionReport", "ConversionError", "SkipSite"]

@@ -1,0 +1,8 @@
+"""The normalization zoo: one file per family. Each layer keeps the channel layout of the norm it
+replaces (``channels_last``) and timm's fused ``drop``/``act`` children."""
+from .batch_norm import BatchNorm, FrozenBatchNorm
+from .group_norm import GroupNorm, LayerNorm
+from .instance_norm import InstanceNorm
+from .positional_norm import PositionalNorm
+
+__all__ = ["BatchNorm", "FrozenBatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm", "PositionalNorm"]

@@ -1,0 +1,58 @@
+"""What every normsurgeon normalization layer shares: channel layout and a fused drop/act.
+
+Source norms come in two layouts: channels-first (N, C, *) as BatchNorm/GroupNorm and
+timm's LayerNorm2d, and channels-last (N, *, C) as a transformer's ``nn.LayerNorm(C)``.
+A converted layer keeps the layout of the norm it replaces (``channels_last``), so it is a
+drop-in at the same call site. timm's NormAct layers apply ``drop`` then ``act`` after the
+norm; converted layers keep both as children named ``drop`` and ``act`` (``nn.Identity``
+when absent), so the activation is never silently lost and state_dict keys stay the same.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class FusedActLayout:
+    """Mixin: ``channels_last`` layout handling plus timm-style ``drop`` → ``act`` epilogue.
+
+    Call ``_init_fused(channels_last, act, drop)`` in ``__init__`` after the base class init,
+    and ``_apply(x, fn)`` in ``forward`` with ``fn`` mapping a channels-first tensor
+    (N, C, *) to a normalized tensor of the same shape.
+    """
+
+    channels_last: bool = False
+    site_name: str | None = None  # qualified name in the converted model, for error messages
+
+    def _init_fused(self, channels_last: bool = False, act: nn.Module | None = None,
+                    drop: nn.Module | None = None) -> None:
+        self.channels_last = bool(channels_last)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def _apply_norm(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if x.ndim < 2:
+            raise ValueError(f"{self._where()} expects an input with a batch and a channel axis, "
+                             f"got shape {tuple(x.shape)}")
+        if self.channels_last:
+            y = fn(x.movedim(-1, 1)).movedim(1, -1)
+        else:
+            y = fn(x)
+        return self.act(self.drop(y))
+
+    def _where(self) -> str:
+        name = type(self).__name__
+        return f"{name} at '{self.site_name}'" if self.site_name else name
+
+    def _layout_repr(self) -> str:
+        return ", channels_last=True" if self.channels_last else ""
+
+
+def elements_per_channel(x: torch.Tensor) -> int:
+    """Number of positions per (sample, channel) of a channels-first tensor (N, C, *)."""
+    count = 1
+    for size in x.shape[2:]:
+        count *= size
+    return count

@@ -1,0 +1,242 @@
+"""``convert`` and ``plan``: trace → find sites → plan → rewrite → transfer → verify → report.
+
+The rewrite swaps each norm module in place in the module tree (a deep copy unless
+``inplace=True``), so the model keeps its class, methods, attributes and forward: train/eval
+behaviour of everything else is untouched and state_dict keys of unchanged layers stay the
+same. Every new module is built and checked on meta tensors against the shapes seen at its
+call site before anything is installed, so a failed conversion leaves the model as it was,
+even with ``inplace=True``.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import standard_targets  # noqa: F401  (registers the standard targets)
+from .probe import check_on_meta
+from .registry import Built, SiteInfo, SkipSite, get_target
+from .report import ConversionReport, SiteRow
+from .sites import Analysis, Site, analyze
+from .sources import UnsupportedSource
+
+Patterns = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+
+class ConversionError(RuntimeError):
+    """The converted model failed verification; the input model is unchanged."""
+
+
+def _patterns(value: Patterns, argname: str):
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str):
+        return [value]
+    value = list(value)
+    if not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{argname}= takes glob patterns of qualified names (str or list of str) "
+                        f"or a callable(name, module) -> bool")
+    return value
+
+
+def _matches(pats, site: Site) -> bool:
+    if callable(pats):
+        return any(pats(n, site.module) for n in site.names)
+    return any(fnmatch.fnmatchcase(n, p) for p in pats for n in site.names)
+
+
+def _warn_unmatched(pats, sites: list[Site], argname: str) -> None:
+    if pats is None or callable(pats):
+        return
+    for p in pats:
+        if not any(fnmatch.fnmatchcase(n, p) for s in sites for n in s.names):
+            warnings.warn(f"{argname} pattern {p!r} matches no normalization site "
+                          f"(site names look like {sites[0].name!r})" if sites else
+                          f"{argname} pattern {p!r} matches nothing: the model has no normalization site",
+                          UserWarning, stacklevel=4)
+
+
+def _site_options(site: Site, to: str, options: dict, overrides: dict | None) -> tuple[str, dict]:
+    opts = dict(options)
+    for pattern, extra in (overrides or {}).items():
+        if any(fnmatch.fnmatchcase(n, pattern) for n in site.names):
+            extra = dict(extra)
+            if "to" in extra:
+                new_to = extra.pop("to")
+                if new_to != to:
+                    to, opts = new_to, {}
+            opts.update(extra)
+    return to, opts
+
+
+def _row(site: Site, status: str, target: str | None, **kw) -> SiteRow:
+    return SiteRow(site.name, type(site.module).__name__, target, status, calls=site.calls,
+                   input_shape=site.input_shape,
+                   aliases=site.aliases, **kw)
+
+
+def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options, dry_run):
+    rows, builds = [], []
+    for site in analysis.sites:
+        if site.match.unsupported:
+            rows.append(_row(site, "unsupported", None, reason=site.match.unsupported))
+            continue
+        if (include is not None and not _matches(include, site)) or \
+                (exclude is not None and _matches(exclude, site)):
+            rows.append(_row(site, "excluded", None, reason="not selected by include=/exclude="))
+            continue
+        site_to, site_opts = _site_options(site, to, options, overrides)
+        target = get_target(site_to)
+        target.check_options(site_opts)
+        try:
+            source = site.match.reader(site.module)
+            built: Built = target.build(source, SiteInfo(site.name, site.input_shape),
+                                        site_opts)
+        except (SkipSite, UnsupportedSource) as why:
+            rows.append(_row(site, "skipped", site_to, reason=str(why)))
+            continue
+        notes = ([site.match.note] if site.match.note else []) + built.notes
+        if site.inside_leaf:
+            notes.append(f"inside leaf module '{site.inside_leaf}' (no graph context; swapped as a module)")
+        elif site.calls == 0:
+            notes.append("not called by the traced forward (converted anyway)")
+        rows.append(_row(site, "planned" if dry_run else "converted", site_to,
+                         new_type=type(built.module).__name__, exact=built.exact,
+                         transferred=built.transferred, reset=built.reset, dropped=built.dropped,
+                         notes=notes))
+        builds.append((site, built))
+    return rows, builds
+
+
+def _install(model: nn.Module, site: Site, built: Built) -> None:
+    old, new = site.module, built.module
+    tensors = [t for t in list(old.parameters(recurse=False)) + list(old.buffers(recurse=False))
+               if t.is_floating_point()]
+    if tensors:
+        new.to(device=tensors[0].device, dtype=tensors[0].dtype)
+    frozen = getattr(old, "weight", None) is not None and isinstance(old.weight, nn.Parameter) \
+        and not old.weight.requires_grad
+    if frozen:
+        for p in new.parameters(recurse=False):
+            p.requires_grad_(False)
+    new.train(old.training)
+    new.site_name = site.name
+    for name in site.names:
+        model.set_submodule(name, new)
+
+
+def _verify(builds: list[tuple[Site, Built]], analysis: Analysis) -> str:
+    """Each new module, alone on meta tensors, maps every input shape seen at its site to the
+    output shape the original produced, in train and eval mode (distinct cases run once)."""
+    if analysis.probe.error:
+        return f"skipped: the model does not run on meta tensors ({analysis.probe.error})"
+    done: dict[tuple, str | None] = {}
+    checked = 0
+    for site, built in builds:
+        for io in set(site.io_shapes):
+            key = (type(built.module), repr(built.module), io)
+            if key not in done:
+                done[key] = check_on_meta(built.module, *io)
+            if done[key]:
+                raise ConversionError(f"the new {type(built.module).__name__} at '{site.name}' does not "
+                                      f"fit its call site: {done[key]}. The input model is unchanged.")
+            checked += 1
+    unprobed = sum(1 for site, _ in builds if not site.io_shapes)
+    text = f"{checked} call(s) checked on meta tensors in train and eval mode ({len(done)} distinct)"
+    return text + (f"; {unprobed} site(s) not reached by the probe forward" if unprobed else "")
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}. Pass the model "
+                        f"object (e.g. timm.create_model(...) or torchvision.models.resnet50()).")
+
+
+def _run(model, to, include, exclude, overrides, input_size, options, dry_run, inplace):
+    _check_model(model)
+    target = get_target(to)
+    target.check_options(options)
+    for pattern, extra in (overrides or {}).items():
+        extra = dict(extra)
+        get_target(extra.pop("to", target.name)).check_options(extra)
+    include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+    work = model if inplace else copy.deepcopy(model)
+    analysis = analyze(work, input_size)
+    _warn_unmatched(include, analysis.sites, "include")
+    _warn_unmatched(exclude, analysis.sites, "exclude")
+    rows, builds = _build_all(analysis, target.name, include, exclude, overrides, options, dry_run)
+    report = ConversionReport(
+        target.name, type(model).__name__, dict(options), rows, analysis.functional,
+        {"ok": analysis.trace.ok, "error": analysis.trace.error, "leaves_added": analysis.trace.leaves_added},
+        {"input": list(analysis.example.shape) if analysis.example is not None else None,
+         "error": analysis.probe.error}, dry_run=dry_run)
+    if not analysis.sites:
+        warnings.warn(f"{type(model).__name__} has no normalization layer: nothing to convert",
+                      UserWarning, stacklevel=3)
+    if analysis.trace.error:
+        warnings.warn(f"torch.fx could not trace {type(model).__name__}: {analysis.trace.error}. "
+                      f"Falling back to module swap: every site is still converted as a module, "
+                      f"but no graph context is available.", UserWarning, stacklevel=3)
+    skipped = report.sites("skipped") + report.sites("unsupported")
+    if skipped:
+        warnings.warn(f"{len(skipped)} normalization site(s) left as they were "
+                      f"({', '.join(r.name for r in skipped[:5])}{', ...' if len(skipped) > 5 else ''}); "
+                      f"see the report for why", UserWarning, stacklevel=3)
+    return work, analysis, report, builds
+
+
+def plan(model: nn.Module, to: str, *, include: Patterns = None, exclude: Patterns = None,
+         overrides: dict | None = None, input_size: tuple[int, ...] | None = None,
+         **options) -> ConversionReport:
+    """What ``convert`` would do, site by site, without touching ``model``."""
+    _, _, report, _ = _run(model, to, include, exclude, overrides, input_size, options,
+                           dry_run=True, inplace=False)
+    report.verify = "not run (dry run)"
+    return report
+
+
+def convert(model: nn.Module, to: str, *, include: Patterns = None, exclude: Patterns = None,
+            inplace: bool = False, overrides: dict | None = None,
+            input_size: tuple[int, ...] | None = None, **options) -> nn.Module:
+    """Replace every normalization site of ``model`` with the target ``to``.
+
+    Args:
+        model: any ``nn.Module`` (timm, torchvision, or built from their parts).
+        to: a target name, see ``available_targets()``: 'bn', 'frozen_bn', 'gn', 'ln', 'in', 'pn', ...
+        include / exclude: glob patterns on qualified names ('layer4.*') or a callable
+            ``(name, module) -> bool`` selecting which sites to convert.
+        inplace: modify ``model`` itself instead of a deep copy.
+        overrides: ``{pattern: {option: value, 'to': other_target}}`` per-site settings;
+            later patterns win.
+        input_size: (C, H, W) for the shape probe (default: the timm pretrained_cfg, else 224).
+        **options: target options, e.g. ``num_groups=8`` / ``group_size=16`` for 'gn', ``eps``.
+
+    Returns:
+        A model of the same class with the new norms; its report is ``model.normsurgeon_report``
+        and its recipe (for ``normsurgeon.save``/``load``) ``model.normsurgeon_recipes``.
+
+    Example:
+        >>> new = normsurgeon.convert(timm.create_model("resnet50"), to="gn", num_groups=32)
+        >>> print(new.normsurgeon_report)
+    """
+    work, analysis, report, builds = _run(model, to, include, exclude, overrides, input_size,
+                                          options, dry_run=False, inplace=inplace)
+    report.verify = _verify(builds, analysis)  # before installing: a failure changes nothing
+    for site, built in builds:
+        _install(work, site, built)
+    recipe = {"to": report.target, "include": _recipe_patterns(include),
+              "exclude": _recipe_patterns(exclude), "overrides": overrides,
+              "input_size": list(input_size) if input_size else None, "options": dict(options)}
+    work.normsurgeon_report = report
+    work.normsurgeon_recipes = list(getattr(model, "normsurgeon_recipes", [])) + [recipe]
+    return work
+
+
+def _recipe_patterns(value: Patterns):
+    if callable(value):
+        return "<callable>"
+    return [value] if isinstance(value, str) else (list(value) if value is not None else None)

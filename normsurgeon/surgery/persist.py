@@ -1,0 +1,52 @@
+"""Save and load converted models without pickling graphs or classes.
+
+A file holds the state_dict, the conversion recipe(s) and the report as plain data
+(loadable with ``torch.load(weights_only=True)``). ``load`` re-applies the recipes to a
+freshly built base model and loads the state_dict strictly, so the checkpoint survives
+refactors of normsurgeon's classes and never executes pickled code.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+FORMAT = "normsurgeon/1"
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model``'s state_dict plus the recipe that rebuilds its architecture."""
+    recipes = getattr(model, "normsurgeon_recipes", None)
+    if not recipes:
+        raise ValueError("this model was not made by normsurgeon.convert (it has no recipe); "
+                         "save its state_dict with torch.save(model.state_dict(), path) instead")
+    for recipe in recipes:
+        for key in ("include", "exclude"):
+            if recipe.get(key) == "<callable>":
+                raise ValueError(f"the conversion used a callable {key}=; a recipe can only store "
+                                 f"glob patterns. Convert with patterns to be able to save.")
+    report = getattr(model, "normsurgeon_report", None)
+    torch.save({"format": FORMAT, "recipes": recipes, "state_dict": model.state_dict(),
+                "model_type": type(model).__name__,
+                "report_summary": report.summary() if report is not None else None}, path)
+
+
+def load(path: str | os.PathLike, base_model: nn.Module, map_location="cpu") -> nn.Module:
+    """Rebuild the converted model from ``base_model`` (same architecture, any weights) and load it."""
+    from .convert import convert
+
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a normsurgeon checkpoint (expected format {FORMAT!r})")
+    if type(base_model).__name__ != blob["model_type"]:
+        raise ValueError(f"{path} was saved from a {blob['model_type']}, got a "
+                         f"{type(base_model).__name__} as base_model")
+    model = base_model
+    for recipe in blob["recipes"]:
+        model = convert(model, recipe["to"], include=recipe["include"], exclude=recipe["exclude"],
+                        overrides=recipe["overrides"],
+                        input_size=tuple(recipe["input_size"]) if recipe["input_size"] else None,
+                        **recipe["options"])
+    model.load_state_dict(blob["state_dict"], strict=True)
+    return model

@@ -1,0 +1,83 @@
+"""Input shapes at each norm site, from one forward on meta tensors (no compute, no copy).
+
+The model's parameters and buffers are swapped for meta tensors with
+``torch.func.functional_call`` for the duration of one eval-mode forward, so nothing real
+is computed or modified. Models that cannot run on meta tensors (``.item()``, data-dependent
+shapes) are reported, not fatal: shapes are then unknown.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .tracing import failure_location
+
+
+@dataclass
+class ProbeResult:
+    """(input shape, output shape) per call of each watched module (by qualname), or an error."""
+
+    shapes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = field(default_factory=dict)
+    error: str | None = None
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """(C, H, W) from a timm ``pretrained_cfg`` when the model has one, else (3, 224, 224)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("test_input_size") or cfg.get("input_size") if isinstance(cfg, dict) else None
+    return tuple(size) if size else (3, 224, 224)
+
+
+def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Module],
+                 train: bool = False) -> ProbeResult:
+    """Run ``model`` on meta copies of its tensors and ``example``; record inputs of ``watch``."""
+    result = ProbeResult()
+    state = {name: t.to("meta") for name, t in
+             list(model.named_parameters(remove_duplicate=False)) +
+             list(model.named_buffers(remove_duplicate=False))}
+    handles = []
+    names_by_module: dict[int, list[str]] = {}
+    for name, module in watch.items():
+        names_by_module.setdefault(id(module), []).append(name)
+
+    def record(module, args, output):
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            for name in names_by_module[id(module)]:
+                result.shapes.setdefault(name, []).append((tuple(args[0].shape), tuple(output.shape)))
+
+    for module in {id(m): m for m in watch.values()}.values():
+        handles.append(module.register_forward_hook(record))
+    was_training = model.training
+    model.train(train)
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, state, (example.to("meta"),), strict=False, tie_weights=False)
+    except Exception as exc:  # noqa: BLE001  (reported to the caller)
+        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} at {failure_location(exc)}"
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return result
+
+
+def check_on_meta(module: nn.Module, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> str | None:
+    """Run ``module`` alone on a meta input in train and eval mode; the problem, or None if it
+    maps ``input_shape`` to ``output_shape`` in both."""
+    state = {n: t.to("meta") for n, t in list(module.named_parameters()) + list(module.named_buffers())}
+    was_training = module.training
+    try:
+        for train in (True, False):
+            module.train(train)
+            with torch.no_grad():
+                out = torch.func.functional_call(module, state, (torch.empty(input_shape, device="meta"),))
+            if tuple(out.shape) != tuple(output_shape):
+                return (f"{'train' if train else 'eval'}-mode output shape {tuple(out.shape)} differs "
+                        f"from the original's {tuple(output_shape)} for input {tuple(input_shape)}")
+    except Exception as exc:  # noqa: BLE001  (reported to the caller)
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        module.train(was_training)
+    return None

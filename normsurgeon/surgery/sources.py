@@ -1,0 +1,218 @@
+"""Which modules are normalization sites, and what each one holds.
+
+A registry maps a norm class to a *reader* that turns a module into a ``SourceNorm``: its
+kind of statistics, layout, eps, affine, running statistics and fused act/drop. Matching is
+explicit: a class is a source if it, or an ancestor whose ``forward`` it does not override,
+is registered. A subclass of a registered norm with its own ``forward`` is reported as
+unsupported, never silently converted (its forward may compute something else) nor skipped.
+
+Kinds (what the source normalizes over, x as (N, C, *positions)):
+  batch         per channel over (N, positions), batch statistics + running estimates
+  frozen_batch  per channel, fixed statistics
+  group         per sample and channel group over (C/G, positions)
+  positional    per sample and position over C (transformer LayerNorm, LayerNorm2d)
+  instance      per sample and channel over positions
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import layers
+
+
+@dataclass
+class SourceNorm:
+    """What a source norm computes and holds (tensors are the module's own, not copies)."""
+
+    kind: str
+    num_channels: int
+    channels_last: bool
+    eps: float
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    running_mean: torch.Tensor | None = None
+    running_var: torch.Tensor | None = None
+    num_batches_tracked: torch.Tensor | None = None
+    momentum: float | None = 0.1
+    track_running_stats: bool = False
+    num_groups: int | None = None
+    act: nn.Module | None = None
+    drop: nn.Module | None = None
+    note: str | None = None
+
+    @property
+    def affine(self) -> bool:
+        return self.weight is not None
+
+    @property
+    def has_statistics(self) -> bool:
+        return self.running_mean is not None and self.running_var is not None
+
+
+class UnsupportedSource(ValueError):
+    """A registered norm class whose configuration cannot be converted (reason in the message)."""
+
+
+def _fused(module: nn.Module) -> dict:
+    act, drop = getattr(module, "act", None), getattr(module, "drop", None)
+    keep = lambda m: m if isinstance(m, nn.Module) and not isinstance(m, nn.Identity) else None
+    return {"act": keep(act), "drop": keep(drop)}
+
+
+def read_batch_norm(m: nn.Module) -> SourceNorm:
+    return SourceNorm(
+        "batch", m.num_features, getattr(m, "channels_last", False), m.eps, m.weight, m.bias,
+        m.running_mean, m.running_var, m.num_batches_tracked, m.momentum, m.track_running_stats,
+        **_fused(m))
+
+
+def read_frozen_batch_norm(m: nn.Module) -> SourceNorm:
+    return SourceNorm(
+        "frozen_batch", m.weight.numel(), getattr(m, "channels_last", False), getattr(m, "eps", 0.0),
+        m.weight, m.bias, m.running_mean, m.running_var, **_fused(m))
+
+
+def read_group_norm(m: nn.Module) -> SourceNorm:
+    return SourceNorm(
+        "group", m.num_channels, getattr(m, "channels_last", False), m.eps, m.weight, m.bias,
+        num_groups=m.num_groups, **_fused(m))
+
+
+def read_instance_norm(m: nn.Module) -> SourceNorm:
+    return SourceNorm(
+        "instance", m.num_features if hasattr(m, "num_features") else m.num_channels,
+        getattr(m, "channels_last", False), m.eps, m.weight, m.bias,
+        getattr(m, "running_mean", None), getattr(m, "running_var", None), **_fused(m))
+
+
+def _positional(m: nn.Module, channels_last: bool, note: str | None = None) -> SourceNorm:
+    shape = tuple(m.normalized_shape)
+    if len(shape) != 1:
+        raise UnsupportedSource(
+            f"LayerNorm over {len(shape)} trailing axes {shape}: only a LayerNorm over the channel "
+            f"axis (one size) has per-channel parameters that carry over")
+    return SourceNorm("positional", shape[0], channels_last, m.eps, m.weight, m.bias,
+                      note=note, **_fused(m))
+
+
+def read_layer_norm(m: nn.Module) -> SourceNorm:
+    """``nn.LayerNorm(C)`` on channels-last input (N, *, C)."""
+    return _positional(m, getattr(m, "channels_last", True))
+
+
+def read_layer_norm_2d(m: nn.Module) -> SourceNorm:
+    """LayerNorm over C on channels-first input (N, C, H, W), e.g. timm ``LayerNorm2d``."""
+    return _positional(m, False)
+
+
+def _fp32(reader: Callable[[nn.Module], SourceNorm]) -> Callable[[nn.Module], SourceNorm]:
+    def read(m: nn.Module) -> SourceNorm:
+        source = reader(m)
+        source.note = "the source computed in float32; the target computes in the input dtype"
+        return source
+    return read
+
+
+Reader = Callable[[nn.Module], SourceNorm]
+_READERS: dict[type, Reader] = {}
+
+
+def register_source(cls: type, like: type | None = None, reader: Reader | None = None) -> type:
+    """Declare ``cls`` a normalization source.
+
+    ``like=nn.BatchNorm2d`` says ``cls`` computes exactly what ``like`` computes (its own
+    forward is trusted to be equivalent); ``reader`` gives full control instead.
+    """
+    if (like is None) == (reader is None):
+        raise TypeError("register_source needs exactly one of like= (a registered norm class) or reader=")
+    if like is not None:
+        reader = _READERS.get(like)
+        if reader is None:
+            raise ValueError(f"like={like!r} is not a registered source; registered: "
+                             f"{sorted(c.__name__ for c in _READERS)}")
+    _READERS[cls] = reader
+    return cls
+
+
+def _register_builtin() -> None:
+    bn = nn.modules.batchnorm
+    for cls in (bn._BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                layers.BatchNorm):
+        _READERS[cls] = read_batch_norm
+    for cls in (nn.GroupNorm, layers.GroupNorm, layers.LayerNorm):
+        _READERS[cls] = read_group_norm
+    for cls in (nn.modules.instancenorm._InstanceNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                nn.InstanceNorm3d, layers.InstanceNorm):
+        _READERS[cls] = read_instance_norm
+    _READERS[nn.LayerNorm] = read_layer_norm
+    _READERS[layers.PositionalNorm] = read_layer_norm
+    _READERS[layers.FrozenBatchNorm] = read_frozen_batch_norm
+
+    from torchvision.models.convnext import LayerNorm2d as TvLayerNorm2d
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    _READERS[FrozenBatchNorm2d] = read_frozen_batch_norm
+    _READERS[TvLayerNorm2d] = read_layer_norm_2d
+
+    import timm.layers as tl
+    for cls in (tl.BatchNormAct2d, tl.SyncBatchNormAct):
+        _READERS[cls] = read_batch_norm
+    _READERS[tl.FrozenBatchNormAct2d] = read_frozen_batch_norm
+    for cls in (tl.GroupNorm, tl.GroupNorm1, tl.GroupNormAct, tl.GroupNorm1Act):
+        _READERS[cls] = read_group_norm
+    for cls in (tl.LayerNorm, tl.LayerNormAct):
+        _READERS[cls] = read_layer_norm
+    for cls in (tl.LayerNormFp32, tl.LayerNormActFp32):
+        _READERS[cls] = _fp32(read_layer_norm)
+    for cls in (tl.LayerNorm2d, tl.LayerNormAct2d):
+        _READERS[cls] = read_layer_norm_2d
+    for cls in (tl.LayerNorm2dFp32, tl.LayerNormAct2dFp32):
+        _READERS[cls] = _fp32(read_layer_norm_2d)
+
+
+_register_builtin()
+
+
+@dataclass
+class Match:
+    """Outcome of looking a module up: a reader, or the reason it is unsupported, or neither."""
+
+    reader: Reader | None = None
+    unsupported: str | None = None
+    note: str | None = None
+
+    @property
+    def is_site(self) -> bool:
+        return self.reader is not None or self.unsupported is not None
+
+
+_NORM_NAME = re.compile(r"Norm")
+
+
+def match_source(module: nn.Module) -> Match:
+    """Classify ``module``: a registered source, an unsupported norm, or not a norm at all."""
+    cls = type(module)
+    if cls in _READERS:
+        return Match(_READERS[cls])
+    for base in cls.__mro__[1:]:
+        if base in _READERS:
+            if cls.forward is base.forward:
+                return Match(_READERS[base], note=f"{cls.__name__} read as {base.__name__} "
+                                                  f"(it does not override forward)")
+            return Match(unsupported=(
+                f"unknown subclass {cls.__name__} of {base.__name__} with its own forward; not "
+                f"converted. If it computes a plain {base.__name__}, call "
+                f"normsurgeon.register_source({cls.__name__}, like={base.__name__})"))
+    children = [c for name, c in module.named_children() if name not in ("act", "drop")]
+    if _NORM_NAME.search(cls.__name__) and not children:
+        return Match(unsupported=f"{cls.__name__} is a normalization layer normsurgeon does not "
+                                 f"know how to read (not a registered source); left as is")
+    return Match()
+
+
+def registered_source_types() -> tuple[type, ...]:
+    return tuple(_READERS)
