@@ -1,12 +1,14 @@
 """Input shapes at each norm site, from one forward on meta tensors (no compute, no copy).
 
-The model's parameters and buffers are swapped for meta tensors with
-``torch.func.functional_call`` for the duration of one eval-mode forward, so nothing real
-is computed or modified. Models that cannot run on meta tensors (``.item()``, data-dependent
+The model's parameters and buffers are swapped for meta tensors for the duration of one
+forward and put back afterwards (the very same objects), so nothing real is computed or
+modified. (``torch.func.functional_call`` does not restore modules registered under two
+names, hence the small swap below.) Models that cannot run on meta tensors (``.item()``, data-dependent
 shapes) are reported, not fatal: shapes are then unknown.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +25,24 @@ class ProbeResult:
     error: str | None = None
 
 
+@contextlib.contextmanager
+def on_meta(model: nn.Module):
+    """Temporarily replace every parameter and buffer of ``model`` by a meta tensor."""
+    saved = []
+    for module in {id(m): m for m in model.modules()}.values():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None:
+                    saved.append((store, name, tensor))
+                    meta = tensor.to("meta")
+                    store[name] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    try:
+        yield model
+    finally:
+        for store, name, tensor in saved:
+            store[name] = tensor
+
+
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
     """(C, H, W) from a timm ``pretrained_cfg`` when the model has one, else (3, 224, 224)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
@@ -34,9 +54,6 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
                  train: bool = False) -> ProbeResult:
     """Run ``model`` on meta copies of its tensors and ``example``; record inputs of ``watch``."""
     result = ProbeResult()
-    state = {name: t.to("meta") for name, t in
-             list(model.named_parameters(remove_duplicate=False)) +
-             list(model.named_buffers(remove_duplicate=False))}
     handles = []
     names_by_module: dict[int, list[str]] = {}
     for name, module in watch.items():
@@ -52,8 +69,8 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
     was_training = model.training
     model.train(train)
     try:
-        with torch.no_grad():
-            torch.func.functional_call(model, state, (example.to("meta"),), strict=False, tie_weights=False)
+        with torch.no_grad(), on_meta(model):
+            model(example.to("meta"))
     except Exception as exc:  # noqa: BLE001  (reported to the caller)
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} at {failure_location(exc)}"
     finally:
@@ -66,13 +83,12 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
 def check_on_meta(module: nn.Module, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> str | None:
     """Run ``module`` alone on a meta input in train and eval mode; the problem, or None if it
     maps ``input_shape`` to ``output_shape`` in both."""
-    state = {n: t.to("meta") for n, t in list(module.named_parameters()) + list(module.named_buffers())}
     was_training = module.training
     try:
         for train in (True, False):
             module.train(train)
-            with torch.no_grad():
-                out = torch.func.functional_call(module, state, (torch.empty(input_shape, device="meta"),))
+            with torch.no_grad(), on_meta(module):
+                out = module(torch.empty(input_shape, device="meta"))
             if tuple(out.shape) != tuple(output_shape):
                 return (f"{'train' if train else 'eval'}-mode output shape {tuple(out.shape)} differs "
                         f"from the original's {tuple(output_shape)} for input {tuple(input_shape)}")

@@ -1,0 +1,37 @@
+"""Shared test helpers: randomized norm statistics so that weight transfer is really exercised."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore", category=FutureWarning, module="torchvision")
+
+
+@torch.no_grad()
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every norm non-trivial affine and running statistics (in place), deterministically."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            t = getattr(module, name, None)
+            is_norm = "Norm" in type(module).__name__ or isinstance(
+                module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
+            if not is_norm or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                continue
+            if name == "running_var":
+                t.copy_(torch.rand(t.shape, generator=gen) * 1.5 + 0.5)
+            elif name == "weight":
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=gen) * 0.2)
+    return model
+
+
+@pytest.fixture
+def rand_input():
+    def make(*shape, seed=0):
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return make
