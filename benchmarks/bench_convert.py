@@ -166,7 +166,13 @@ def main(argv=None) -> int:
                         "(default: gn,bn,pn)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per (model, target), >= 1")
     p.add_argument("--no-plan", action="store_true", help="skip timing normsurgeon.plan")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(N) first (default: leave torch's default)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     models = [m for m in args.models.split(",") if m]

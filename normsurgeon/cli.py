@@ -14,7 +14,6 @@ the same program.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -149,10 +148,10 @@ def _base_expression(spec: str | None, num_classes: int | None) -> tuple[str, st
 
     nc = "" if num_classes is None else f", num_classes={num_classes}"
     if spec in DEFAULT_SPECS:
-        expr = "normsurgeon.zoo.efficientnet_lite0(pretrained=False)"
         if num_classes is not None:
-            expr = f"normsurgeon.models.create(None, num_classes={num_classes})"
-        return "import normsurgeon, normsurgeon.zoo, normsurgeon.models", expr
+            return ("import normsurgeon, normsurgeon.models",
+                    f"normsurgeon.models.create(None, num_classes={num_classes})")
+        return "import normsurgeon, normsurgeon.zoo", "normsurgeon.zoo.efficientnet_lite0(pretrained=False)"
     if spec.lower().startswith(TORCHVISION_PREFIX):
         name = spec[len(TORCHVISION_PREFIX):].strip()
         return "import normsurgeon, torchvision", f"torchvision.models.get_model({name!r}{nc})"
@@ -280,6 +279,10 @@ def cmd_demo(args) -> int:
     _out("")
     gn = ns.convert(model, to="gn").eval()
     _out(_short_table(gn.normsurgeon_report, 15))
+    sizes = sorted({m.num_channels // m.num_groups for m in gn.modules()
+                    if hasattr(m, "num_groups") and hasattr(m, "num_channels")})
+    if sizes:
+        _out(f"channels per group (default grouping): {', '.join(map(str, sizes))}")
     _out("")
 
     with torch.inference_mode():
@@ -300,17 +303,16 @@ def cmd_demo(args) -> int:
     _out(f"top-1 agreement: {agree}/{len(names)} photos ({100 * agree / max(len(names), 1):.0f}%), "
          f"max |Δlogit| = {(out - ref).abs().max():.3g}")
     if agree < len(names) / 2:
-        _out("The GroupNorm model disagrees with the original on most photos. That is expected "
-             "without calibration:")
+        verdict = (f"The GroupNorm model disagrees with the original on {len(names) - agree} of "
+                   f"{len(names)} photos. That is expected without calibration: ")
     else:
-        _out("Without calibration this agreement is not to be relied on:")
-    _out("GroupNorm normalizes each sample with its own per-group statistics, while the pretrained "
-         "weights were fitted to the BatchNorm running statistics, which the conversion drops "
-         "(γ and β are transferred; see the transfer rules above). Calibration "
-         "(normsurgeon.calibrate, planned; not available yet) is meant to recover the original's "
-         "predictions; until then a GN model needs fine-tuning.")
+        verdict = "Without calibration this agreement is not to be relied on: "
+    _out(_wrap(verdict + "GroupNorm normalizes each sample with its own per-group statistics, while "
+               "the pretrained weights were fitted to the BatchNorm running statistics, which the "
+               "conversion drops (γ and β are transferred; see the transfer rules above). "
+               "Calibration (normsurgeon.calibrate, planned, not available yet) is meant to recover "
+               "the original's predictions; until then a converted GN model needs fine-tuning."))
     _out("")
-
     _out("3) for comparison, the function-preserving targets (eval mode):")
     for to in ("bn", "frozen_bn"):
         other = ns.convert(model, to=to).eval()
@@ -320,7 +322,8 @@ def cmd_demo(args) -> int:
         exact = {r.exact for r in other.normsurgeon_report.converted}
         _out(f"   to={to!r:12} max |Δlogit| = {(o - ref).abs().max():.3g}, top-1 agreement "
              f"{same}/{len(names)} (report: exact in {', '.join(sorted(e or '-' for e in exact))})")
-    _out("   These keep the running statistics, so they reproduce the original up to float rounding.")
+    _out(_wrap("These keep the running statistics, so in eval mode they reproduce the original up "
+               "to float rounding.", indent="   "))
     _out("")
     _out(f"done in {time.perf_counter() - start:.1f} s. Full GN report: normsurgeon plan --to gn")
     return 0
@@ -333,23 +336,23 @@ def _label(index: int) -> str:
     return f"{index} {name[:24]}"
 
 
+def _wrap(text: str, indent: str = "") -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=100, initial_indent=indent, subsequent_indent=indent)
+
+
 def _grid(rows) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("   " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _short_table(report, keep: int) -> str:
-    """The report table, cut to its first ``keep`` rows when longer (summary and counts stay whole)."""
+    """The report table, cut to its first ``keep`` rows when longer (rules and notes stay whole)."""
     if len(report.rows) <= keep + 5:
         return report.table()
-    short = dataclasses.replace(report, rows=report.rows[:keep])
-    lines = short.table().splitlines()
-    lines[0] = report.summary()
-    # table(): summary, blank line, header, then one line per row
-    at = 3 + keep
-    lines.insert(at, f"... {len(report.rows) - keep} more sites (the full table: normsurgeon plan --to "
-                     f"{report.target})")
-    return "\n".join(lines)
+    return report.table(max_rows=keep).replace(
+        "more sites\n", f"more sites (the full table: normsurgeon plan --to {report.target})\n", 1)
 
 
 COMMANDS = {"targets": cmd_targets, "plan": cmd_plan, "convert": cmd_convert, "demo": cmd_demo}

