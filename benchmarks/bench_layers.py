@@ -20,6 +20,7 @@ Columns:
   x BN        median / median of native nn.BatchNorm2d on the same input (contiguous NCHW)
   ref         the native layer this one should be compared with, measured in the same run
   x ref       median / median of that reference
+  x ref(min)  min / min of that reference (steadier than the medians on a busy machine)
 """
 from __future__ import annotations
 
@@ -290,6 +291,7 @@ def main(argv=None) -> int:
         gc.enable()
 
     med = {v.label: statistics.median(v.times) for v in variants}
+    low = {v.label: min(v.times) for v in variants}
     base = med["nn.BatchNorm2d"]
     sections = [("contiguous NCHW input", "nchw"),
                 ("channels_last memory format input (same NCHW shape)", "cl"),
@@ -304,11 +306,12 @@ def main(argv=None) -> int:
             noisy += q[2] > 1.3 * q[0]
             rows.append([v.label, f"{med[v.label] * 1e3:.2f}", f"{q[0] * 1e3:.2f}-{q[2] * 1e3:.2f}",
                          f"{min(v.times) * 1e3:.2f}", f"{med[v.label] / base:.2f}", v.ref or "",
-                         f"{med[v.label] / med[v.ref]:.2f}" if v.ref in med else ""])
+                         f"{med[v.label] / med[v.ref]:.2f}" if v.ref in med else "",
+                         f"{low[v.label] / low[v.ref]:.2f}" if v.ref in low else ""])
         if rows:
             print(f"\n{title}:")
-            print(table(["variant", "median ms", "p25-p75", "min ms", "x BN", "ref", "x ref"], rows,
-                        right={1, 2, 3, 4, 6}))
+            print(table(["variant", "median ms", "p25-p75", "min ms", "x BN", "ref", "x ref", "x ref(min)"],
+                        rows, right={1, 2, 3, 4, 6, 7}))
     if skipped:
         print("\nskipped: " + "; ".join(skipped))
     if noisy:
