@@ -105,10 +105,9 @@ class ConversionReport:
         notes = [(r.name, r.reason) for r in self.rows if r.reason and r.status != "excluded"]
         notes += [(r.name, n) for r in self.rows for n in r.notes]
         notes += [(r.name, "same module also at " + ", ".join(r.aliases)) for r in self.rows if r.aliases]
-        if excluded:
-            notes.append((f"{len(excluded)} sites", "excluded: not selected by include=/exclude="))
+        notes += [(r.name, "excluded: not selected by include=/exclude=") for r in excluded]
         if notes:
-            out += ["", "notes:"] + [f"  {name}: {text}" for name, text in notes]
+            out += ["", "notes:"] + _grouped_notes(notes)
         for f in self.functional_sites:
             out.append(f"  functional {f['function']} in '{f['module']}': not converted "
                        f"(a functional call has no module to swap)")
@@ -118,3 +117,18 @@ class ConversionReport:
             out.append(f"tracing: '{name}' treated as a leaf: {why}")
         out += ["", f"verify: {self.verify}"]
         return "\n".join(out)
+
+
+def _grouped_notes(notes: list[tuple[str, str]], max_names: int = 3) -> list[str]:
+    """One line per distinct note text; a note shared by several sites lists them once."""
+    by_text: dict[str, list[str]] = {}
+    for name, text in notes:
+        by_text.setdefault(text, []).append(name)
+    lines = []
+    for text, names in by_text.items():
+        if len(names) == 1:
+            lines.append(f"  {names[0]}: {text}")
+        else:
+            shown = ", ".join(names[:max_names]) + (", ..." if len(names) > max_names else "")
+            lines.append(f"  {len(names)} sites ({shown}): {text}")
+    return lines
