@@ -223,8 +223,9 @@ def main(argv=None) -> int:
         variants.append(Variant(f"ns {t} ({type(module).__name__})", module, trainable(module), "nchw",
                                 ref_of(t)))
 
-    # channels_last memory format (same NCHW logical shape): BN and GN, native and ours.
-    cl_pairs = [("nn.BatchNorm2d", "bn"), (gn_label, "gn")]
+    # channels_last memory format (same NCHW logical shape): BN and GN, native and ours; and
+    # PositionalNorm, whose permute to (N, H, W, C) is free on such an input.
+    cl_pairs = [("nn.BatchNorm2d", "bn"), (gn_label, "gn"), ("timm LayerNorm2d", "pn")]
     for native_label, t in cl_pairs:
         if native_label in natives:
             m = natives[native_label]

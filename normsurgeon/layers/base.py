@@ -9,6 +9,7 @@ when absent), so the activation is never silently lost and state_dict keys stay 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -32,6 +33,12 @@ class FusedActLayout:
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
 
+    def _epilogue(self, y: torch.Tensor) -> torch.Tensor:
+        """drop then act, skipping the module calls when both are Identity (hot path)."""
+        if type(self.drop) is nn.Identity and type(self.act) is nn.Identity:
+            return y
+        return self.act(self.drop(y))
+
     def _apply_norm(self, x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         if x.ndim < 2:
             raise ValueError(f"{self._where()} expects an input with a batch and a channel axis, "
@@ -40,7 +47,7 @@ class FusedActLayout:
             y = fn(x.movedim(-1, 1)).movedim(1, -1)
         else:
             y = fn(x)
-        return self.act(self.drop(y))
+        return self._epilogue(y)
 
     def _where(self) -> str:
         name = type(self).__name__
@@ -52,7 +59,4 @@ class FusedActLayout:
 
 def elements_per_channel(x: torch.Tensor) -> int:
     """Number of positions per (sample, channel) of a channels-first tensor (N, C, *)."""
-    count = 1
-    for size in x.shape[2:]:
-        count *= size
-    return count
+    return math.prod(x.shape[2:])

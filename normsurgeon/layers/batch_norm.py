@@ -87,7 +87,7 @@ class FrozenBatchNorm(FusedActLayout, nn.Module):
         scale = self.weight * torch.rsqrt(self.running_var + self.eps)
         shift = self.bias - self.running_mean * scale
         view = (1, -1) + (1,) * (x.ndim - 2)
-        return x * scale.view(view) + shift.view(view)
+        return torch.addcmul(shift.view(view), x, scale.view(view))
 
     def extra_repr(self) -> str:
         extra = ", trainable_affine=True" if self.trainable_affine else ""

@@ -40,7 +40,8 @@ class InstanceNorm(FusedActLayout, nn.Module):
             raise ValueError(
                 f"{self._where()} got one position per channel (input shape {tuple(x.shape)}): "
                 f"instance statistics are undefined. Exclude this layer or pick another target.")
-        return F.instance_norm(x, weight=self.weight, bias=self.bias, use_input_stats=True, eps=self.eps)
+        # GroupNorm with one channel per group is exactly this, and faster than F.instance_norm
+        return F.group_norm(x, self.num_channels, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, affine={self.affine}{self._layout_repr()}"

@@ -34,7 +34,7 @@ class PositionalNorm(FusedActLayout, nn.LayerNorm):
         else:
             y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias,
                              self.eps).movedim(-1, 1)
-        return self.act(self.drop(y))
+        return self._epilogue(y)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._layout_repr()

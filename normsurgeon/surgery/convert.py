@@ -108,7 +108,7 @@ def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options
                          new_type=type(built.module).__name__, exact=built.exact,
                          transferred=built.transferred, reset=built.reset, dropped=built.dropped,
                          notes=notes))
-        builds.append((site, built))
+        builds.append((site, built, target))
     return rows, builds
 
 
@@ -129,24 +129,26 @@ def _install(model: nn.Module, site: Site, built: Built) -> None:
         model.set_submodule(name, new)
 
 
-def _verify(builds: list[tuple[Site, Built]], analysis: Analysis) -> str:
+def _verify(builds: list, analysis: Analysis) -> str:
     """Each new module, alone on meta tensors, maps every input shape seen at its site to the
-    output shape the original produced, in train and eval mode (distinct cases run once)."""
+    output shape the original produced (distinct cases run once). Batch-dependent targets are
+    run in train and eval mode, the others (same computation in both) in eval mode."""
     if analysis.probe.error:
         return f"skipped: the model does not run on meta tensors ({analysis.probe.error})"
     done: dict[tuple, str | None] = {}
     checked = 0
-    for site, built in builds:
+    for site, built, target in builds:
         for io in set(site.io_shapes):
             key = (type(built.module), repr(built.module), io)
             if key not in done:
-                done[key] = check_on_meta(built.module, *io)
+                modes = (True, False) if target.batch_dependent else (False,)
+                done[key] = check_on_meta(built.module, *io, modes=modes)
             if done[key]:
                 raise ConversionError(f"the new {type(built.module).__name__} at '{site.name}' does not "
                                       f"fit its call site: {done[key]}. The input model is unchanged.")
             checked += 1
-    unprobed = sum(1 for site, _ in builds if not site.io_shapes)
-    text = f"{checked} call(s) checked on meta tensors in train and eval mode ({len(done)} distinct)"
+    unprobed = sum(1 for site, _, _ in builds if not site.io_shapes)
+    text = f"{checked} call(s) checked on meta tensors ({len(done)} distinct)"
     return text + (f"; {unprobed} site(s) not reached by the probe forward" if unprobed else "")
 
 
@@ -226,7 +228,7 @@ def convert(model: nn.Module, to: str, *, include: Patterns = None, exclude: Pat
     work, analysis, report, builds = _run(model, to, include, exclude, overrides, input_size,
                                           options, dry_run=False, inplace=inplace)
     report.verify = _verify(builds, analysis)  # before installing: a failure changes nothing
-    for site, built in builds:
+    for site, built, _ in builds:
         _install(work, site, built)
     recipe = {"to": report.target, "include": _recipe_patterns(include),
               "exclude": _recipe_patterns(exclude), "overrides": overrides,

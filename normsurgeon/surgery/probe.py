@@ -80,12 +80,13 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
     return result
 
 
-def check_on_meta(module: nn.Module, input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> str | None:
-    """Run ``module`` alone on a meta input in train and eval mode; the problem, or None if it
-    maps ``input_shape`` to ``output_shape`` in both."""
+def check_on_meta(module: nn.Module, input_shape: tuple[int, ...], output_shape: tuple[int, ...],
+                  modes: tuple[bool, ...] = (True, False)) -> str | None:
+    """Run ``module`` alone on a meta input in each training mode of ``modes``; the problem, or
+    None if it maps ``input_shape`` to ``output_shape`` in all of them."""
     was_training = module.training
     try:
-        for train in (True, False):
+        for train in modes:
             module.train(train)
             with torch.no_grad(), on_meta(module):
                 out = module(torch.empty(input_shape, device="meta"))
