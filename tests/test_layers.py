@@ -175,3 +175,17 @@ def test_gradients_flow_through_every_layer():
         (layer(x) * torch.arange(x.numel()).view_as(x)).sum().backward()
         assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_batch_norm_without_statistics_takes_them_from_its_first_training_batch():
+    bn = layers.BatchNorm(C, momentum=0.1, statistics_pending=True).train()
+    bn(X)
+    n = XN.size / C
+    np.testing.assert_allclose(bn.running_mean.numpy(), XN.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var.numpy(), XN.var(axis=(0, 2, 3)) * n / (n - 1), rtol=1e-5)
+    assert bn.momentum == 0.1 and not bn.statistics_pending
+    bn(X * 2)  # from now on the usual exponential average
+    np.testing.assert_allclose(bn.running_mean.numpy(), 1.1 * XN.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    fresh = layers.BatchNorm(C, statistics_pending=True)
+    fresh.load_state_dict(bn.state_dict())
+    assert not fresh.statistics_pending

@@ -4,7 +4,10 @@
     y = γ_c (x − μ_c) / sqrt(σ²_c + eps) + β_c,
 with batch statistics (μ, σ² biased) in training and the running statistics in eval, exactly
 as ``torch.nn.BatchNorm2d`` (same momentum semantics, ``momentum=None`` = cumulative average).
-It accepts (N, C, *) of any rank, or (N, *, C) when ``channels_last``.
+It accepts (N, C, *) of any rank, or (N, *, C) when ``channels_last``. A layer built without
+statistics to start from (``statistics_pending=True``) takes its running statistics from its
+first training batch (momentum 1 once), instead of averaging real statistics with the
+meaningless initial (0, 1).
 
 ``FrozenBatchNorm``: the same affine map with fixed statistics in train and eval,
     y = x · γ/sqrt(var + eps) + (β − mean · γ/sqrt(var + eps)).
@@ -30,9 +33,14 @@ class BatchNorm(FusedActLayout, nn.modules.batchnorm._BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
                  channels_last: bool = False, act: nn.Module | None = None,
-                 drop: nn.Module | None = None):
+                 drop: nn.Module | None = None, statistics_pending: bool = False):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self._init_fused(channels_last, act, drop)
+        self.statistics_pending = statistics_pending
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.statistics_pending = False  # loaded statistics are real ones
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.ndim < 2 or x.shape[1] != self.num_features:
@@ -49,6 +57,14 @@ class BatchNorm(FusedActLayout, nn.modules.batchnorm._BatchNorm):
                 f"{self._where()} needs batch statistics but got one value per channel "
                 f"(input shape {tuple(x.shape)}): use a batch of 2 or more, call model.eval(), "
                 f"or convert this layer to a batch-independent target ('frozen_bn', 'gn', 'ln').")
+        if self.statistics_pending and self.training and self.track_running_stats:
+            momentum, self.momentum = self.momentum, 1.0
+            try:
+                y = super().forward(x)
+            finally:
+                self.momentum = momentum
+            self.statistics_pending = False
+            return y
         return super().forward(x)
 
     def extra_repr(self) -> str:

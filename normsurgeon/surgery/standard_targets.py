@@ -36,14 +36,20 @@ def build_bn(source: SourceNorm, site: SiteInfo, options: dict):
         source.num_channels, _eps(source, options),
         options.get("momentum", source.momentum if from_batch else 0.1),
         affine=source.affine, track_running_stats=source.track_running_stats if from_batch else True,
+        statistics_pending=not (source.kind in ("batch", "frozen_batch") and source.has_statistics),
         **_common(source, options))
     t = Transfer(source, module).affine().statistics()
+    if module.statistics_pending:
+        t.note("the first training batch sets the running statistics (calibrate or train before eval)")
     if source.kind == "frozen_batch":
         t.note("frozen statistics become running statistics: training now uses batch statistics")
     return t.exact("train+eval" if from_batch and "eps" not in options and "momentum" not in options else "no")
 
 
 def build_frozen_bn(source: SourceNorm, site: SiteInfo, options: dict):
+    if not (source.kind in ("batch", "frozen_batch") and source.has_statistics):
+        raise SkipSite(f"frozen_bn needs statistics to freeze and this {source.kind} norm has none: "
+                       f"convert to 'bn', calibrate or train, then to 'frozen_bn'")
     module = layers.FrozenBatchNorm(
         source.num_channels, _eps(source, options),
         trainable_affine=options.get("trainable_affine", False), **_common(source, options))

@@ -67,7 +67,7 @@ class Transfer:
         elif has_slot:
             b.reset += ["running_mean", "running_var"]
             b.notes.append("the source has no batch statistics: running mean 0, var 1 until "
-                           "the model is calibrated or trained")
+                           "the layer sees data")
         else:
             self.drop_statistics()
         return self
