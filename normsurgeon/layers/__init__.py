@@ -4,5 +4,7 @@ from .batch_norm import BatchNorm, FrozenBatchNorm
 from .group_norm import GroupNorm, LayerNorm
 from .instance_norm import InstanceNorm
 from .positional_norm import PositionalNorm
+from .proxy_norm import ProxyNormAct
 
-__all__ = ["BatchNorm", "FrozenBatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm", "PositionalNorm"]
+__all__ = ["BatchNorm", "FrozenBatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm", "PositionalNorm",
+           "ProxyNormAct"]

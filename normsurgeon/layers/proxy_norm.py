@@ -1,0 +1,96 @@
+"""Proxy Normalization (Labatie et al., NeurIPS 2021): GN/LN without affine, then PN-Act.
+
+For x of shape (N, C, *positions), with y = GroupNorm_G(x) (no affine; G = 1 is LN):
+    out_c = (φ(γ_c·y + β_c) − m_c) · s_c
+where m_c and s_c = 1/sqrt(v_c + ε_proxy) are the mean and (biased) variance of the proxy
+    φ(γ_c·Y_c + β_c),  Y_c = (1 + γ̃_c)·u + β̃_c,
+u being the fixed grid of n standard-normal quantiles u_i = Φ⁻¹((i + 0.5)/n). The proxy
+moments are differentiable functions of (γ, β, γ̃, β̃), computed in every forward in float32
+(float64 when the parameters are float64; never in half precision): C·n activation
+evaluations, tiny. There are no batch statistics: train = eval, and each
+sample's output depends on that sample only. φ is any elementwise activation module, applied
+to the grid as a (1, C, n) tensor so per-channel activations (PReLU) work as they are.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import FusedActLayout, elements_per_channel
+
+DEFAULT_PROXY_EPS = 0.03
+DEFAULT_PROXY_POINTS = 200
+
+
+def normal_quantile_grid(num_points: int = DEFAULT_PROXY_POINTS) -> torch.Tensor:
+    """(num_points,) float64: Φ⁻¹((i + 0.5) / num_points), i = 0 .. num_points − 1."""
+    levels = (torch.arange(num_points, dtype=torch.float64) + 0.5) / num_points
+    return torch.special.ndtri(levels)
+
+
+def _not_inplace(act: nn.Module) -> nn.Module:
+    """A copy of ``act`` that does not modify its input (PN-Act reuses the pre-activation)."""
+    if getattr(act, "inplace", False):
+        act = copy.deepcopy(act)
+        act.inplace = False
+    return act
+
+
+class ProxyNormAct(FusedActLayout, nn.Module):
+    """GroupNorm (``num_groups``; 1 = LayerNorm) without affine, followed by PN-Act with φ = ``act``.
+
+    Parameters: ``weight`` γ and ``bias`` β (before φ, so a pretrained norm's affine carries
+    over), ``proxy_weight`` γ̃ and ``proxy_bias`` β̃ (init 0; the only ones to weight-decay).
+    """
+
+    def __init__(self, num_channels: int, num_groups: int, act: nn.Module, eps: float = 1e-5, *,
+                 proxy_eps: float = DEFAULT_PROXY_EPS, proxy_points: int = DEFAULT_PROXY_POINTS,
+                 channels_last: bool = False, drop: nn.Module | None = None):
+        super().__init__()
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"num_groups={num_groups} does not divide num_channels={num_channels}")
+        self.num_channels, self.num_groups, self.eps = num_channels, num_groups, eps
+        self.proxy_eps = proxy_eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.proxy_weight = nn.Parameter(torch.zeros(num_channels))
+        self.proxy_bias = nn.Parameter(torch.zeros(num_channels))
+        # float64 buffer: kept exact when the module is cast (Module.to/half only cast floats,
+        # and the moments cast the grid to their own dtype)
+        self.register_buffer("proxy_grid", normal_quantile_grid(proxy_points), persistent=False)
+        self._init_fused(channels_last, _not_inplace(act), drop)
+
+    def proxy_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, s), each (C,): mean and 1/sqrt(var + ε_proxy) of φ(γ·Y + β) on the grid (≥ fp32)."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        grid = self.proxy_grid.to(dtype)
+        gamma, beta = self.weight.to(dtype)[:, None], self.bias.to(dtype)[:, None]
+        proxy = (1 + self.proxy_weight.to(dtype))[:, None] * grid + self.proxy_bias.to(dtype)[:, None]
+        z = self.act(self.drop(gamma * proxy + beta).unsqueeze(0)).squeeze(0)
+        mean = z.mean(dim=1)
+        var = (z - mean[:, None]).square().mean(dim=1)
+        return mean, torch.rsqrt(var + self.proxy_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim < 2:
+            raise ValueError(f"{self._where()} expects (N, C, *) or (N, *, C), got {tuple(x.shape)}")
+        if self.channels_last:
+            x = x.movedim(-1, 1)
+        per_group = self.num_channels // self.num_groups * elements_per_channel(x)
+        if per_group < 2:
+            raise ValueError(f"{self._where()} normalizes over a single value per group (input "
+                             f"shape {tuple(x.shape)}): the output would be constant")
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        y = F.group_norm(x, self.num_groups, None, None, self.eps)
+        z = self.act(self.drop(torch.addcmul(self.bias.view(view), y, self.weight.view(view))))
+        mean, scale = self.proxy_moments()
+        out = ((z.to(mean.dtype) - mean.view(view)) * scale.view(view)).to(x.dtype)
+        return out.movedim(1, -1) if self.channels_last else out
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
+                f"proxy_eps={self.proxy_eps}, proxy_points={self.proxy_grid.numel()}"
+                f"{self._layout_repr()}")
