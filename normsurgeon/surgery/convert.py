@@ -17,8 +17,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import standard_targets  # noqa: F401  (registers the standard targets)
-from .probe import check_on_meta
+from . import proxy_targets, standard_targets  # noqa: F401  (register the targets)
+from .pairing import apply_plan, find_pairings
+from .probe import check_on_meta, meta_forward
+from . import forward_rewrite
 from .registry import Built, SiteInfo, SkipSite, get_target
 from .report import ConversionReport, SiteRow
 from .sites import Analysis, Site, analyze
@@ -79,7 +81,7 @@ def _row(site: Site, status: str, target: str | None, **kw) -> SiteRow:
                    aliases=site.aliases, **kw)
 
 
-def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options, dry_run):
+def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options, dry_run, pairings):
     rows, builds = [], []
     for site in analysis.sites:
         if site.match.unsupported:
@@ -94,8 +96,8 @@ def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options
         target.check_options(site_opts)
         try:
             source = site.match.reader(site.module)
-            built: Built = target.build(source, SiteInfo(site.name, site.input_shape),
-                                        site_opts)
+            info = SiteInfo(site.name, site.input_shape, pairings.get(site.name))
+            built: Built = target.build(source, info, site_opts)
         except (SkipSite, UnsupportedSource) as why:
             rows.append(_row(site, "skipped", site_to, reason=str(why)))
             continue
@@ -170,7 +172,11 @@ def _run(model, to, include, exclude, overrides, input_size, options, dry_run, i
     analysis = analyze(work, input_size)
     _warn_unmatched(include, analysis.sites, "include")
     _warn_unmatched(exclude, analysis.sites, "exclude")
-    rows, builds = _build_all(analysis, target.name, include, exclude, overrides, options, dry_run)
+    pairings, plans = {}, {}
+    if target.needs_context or any(get_target(o.get("to", target.name)).needs_context
+                                   for o in (overrides or {}).values()):
+        pairings, plans = find_pairings(work, [s.name for s in analysis.sites if s.match.reader])
+    rows, builds = _build_all(analysis, target.name, include, exclude, overrides, options, dry_run, pairings)
     report = ConversionReport(
         target.name, type(model).__name__, dict(options), rows, analysis.functional,
         {"ok": analysis.trace.ok, "error": analysis.trace.error, "leaves_added": analysis.trace.leaves_added},
@@ -188,15 +194,15 @@ def _run(model, to, include, exclude, overrides, input_size, options, dry_run, i
         warnings.warn(f"{len(skipped)} normalization site(s) left as they were "
                       f"({', '.join(r.name for r in skipped[:5])}{', ...' if len(skipped) > 5 else ''}); "
                       f"see the report for why", UserWarning, stacklevel=3)
-    return work, analysis, report, builds
+    return work, analysis, report, builds, pairings, plans
 
 
 def plan(model: nn.Module, to: str, *, include: Patterns = None, exclude: Patterns = None,
          overrides: dict | None = None, input_size: tuple[int, ...] | None = None,
          **options) -> ConversionReport:
     """What ``convert`` would do, site by site, without touching ``model``."""
-    _, _, report, _ = _run(model, to, include, exclude, overrides, input_size, options,
-                           dry_run=True, inplace=False)
+    report = _run(model, to, include, exclude, overrides, input_size, options,
+                  dry_run=True, inplace=False)[2]
     report.verify = "not run (dry run)"
     return report
 
@@ -225,17 +231,54 @@ def convert(model: nn.Module, to: str, *, include: Patterns = None, exclude: Pat
         >>> new = normsurgeon.convert(timm.create_model("resnet50"), to="gn", num_groups=32)
         >>> print(new.normsurgeon_report)
     """
-    work, analysis, report, builds = _run(model, to, include, exclude, overrides, input_size,
-                                          options, dry_run=False, inplace=inplace)
+    work, analysis, report, builds, pairings, plans = _run(
+        model, to, include, exclude, overrides, input_size, options, dry_run=False, inplace=inplace)
     report.verify = _verify(builds, analysis)  # before installing: a failure changes nothing
     for site, built, _ in builds:
         _install(work, site, built)
+    _remove_consumed_activations(work, builds, pairings, plans, analysis, report)
     recipe = {"to": report.target, "include": _recipe_patterns(include),
               "exclude": _recipe_patterns(exclude), "overrides": overrides,
               "input_size": list(input_size) if input_size else None, "options": dict(options)}
     work.normsurgeon_report = report
     work.normsurgeon_recipes = list(getattr(model, "normsurgeon_recipes", [])) + [recipe]
     return work
+
+
+def _remove_consumed_activations(work, builds, pairings, plans, analysis, report) -> None:
+    """Take each fused activation out of the data path; verify the whole model, or undo all."""
+    consumed = [site.name for site, built, _ in builds if built.consumes_activation]
+    if not consumed:
+        return
+    undo = [lambda site=site: [work.set_submodule(n, site.module) for n in site.names]
+            for site, _, _ in builds]
+    rewrite: dict[str, set[str]] = {}
+    for name in consumed:
+        pairing = pairings[name]
+        if pairing.removal == "swap":
+            act = work.get_submodule(pairing.act_name)
+            work.set_submodule(pairing.act_name, nn.Identity())
+            undo.append(lambda n=pairing.act_name, a=act: work.set_submodule(n, a))
+        else:
+            rewrite.setdefault(pairing.owner, set()).add(name)
+    for owner_name, names in rewrite.items():
+        owner = work.get_submodule(owner_name)
+        apply_plan(owner, plans[owner_name], names)
+        undo.append(lambda o=owner: forward_rewrite.uninstall(o))
+    if analysis.probe.error or analysis.example is None:
+        report.verify += "; the rewritten model was not run (no meta probe)"
+        return
+    for train in (True, False):
+        result = meta_forward(work, analysis.example, {}, train=train)
+        if result.error:
+            for step in reversed(undo):
+                step()
+            raise ConversionError(f"the model with activations fused into PN-Act fails a "
+                                  f"{'train' if train else 'eval'}-mode forward: {result.error}. "
+                                  f"The input model is unchanged.")
+    report.verify += (f"; {len(consumed)} activation(s) fused ({sum(map(len, rewrite.values()))} by "
+                      f"forward rewrite in {len(rewrite)} module(s)); whole model ran on meta tensors "
+                      f"in train and eval mode")
 
 
 def _recipe_patterns(value: Patterns):

@@ -32,6 +32,7 @@ class Built:
     dropped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     exact: str = "no"  # "train+eval", "eval" or "no": where the swap is function-preserving
+    consumes_activation: bool = False  # the module applies the following activation itself
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class SiteInfo:
 
     name: str
     input_shape: tuple[int, ...] | None = None  # one observed input shape, None if unknown
+    context: object | None = None  # graph context for targets that need it (pairing.Pairing)
 
     def positions(self, channels_last: bool) -> int | None:
         """Positions per (sample, channel): the product of the non-batch, non-channel sizes."""

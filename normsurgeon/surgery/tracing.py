@@ -3,7 +3,8 @@
 Leaves (never traced into, so their train/eval behaviour and buffer updates survive):
 every registered norm class and its subclasses, timm's notrace registry (modules and
 functions), torchvision's FrozenBatchNorm2d and StochasticDepth, timm's DropPath /
-DropBlock2d / StdConv layers (StdConv's internal ``F.batch_norm`` on weights is not a site).
+DropBlock2d / StdConv layers (StdConv's internal ``F.batch_norm`` on weights is not a site),
+and every elementwise activation module (timm's Mish would otherwise be traced into ops).
 
 When a submodule cannot be traced, it becomes a leaf and tracing is retried ("progressive
 leafing"), so one odd block does not cost the whole graph; norms inside it are still found
@@ -32,9 +33,10 @@ def _leaf_types() -> tuple[type, ...]:
     from timm.layers import get_notrace_modules
     from torchvision.ops.misc import FrozenBatchNorm2d
     from torchvision.ops.stochastic_depth import StochasticDepth
+    from .activations import elementwise_module_types
     extra = (FrozenBatchNorm2d, StochasticDepth, tl.DropPath, tl.DropBlock2d, tl.StdConv2d,
              tl.StdConv2dSame, tl.ScaledStdConv2d, tl.ScaledStdConv2dSame)
-    return tuple(get_notrace_modules()) + extra
+    return tuple(get_notrace_modules()) + extra + elementwise_module_types()
 
 
 def _leaf_functions() -> tuple:
@@ -64,7 +66,7 @@ class NormTracer(fx.Tracer):
 
 @dataclass
 class TraceResult:
-    """A train-mode graph of the model (or None) and what tracing had to give up on."""
+    """A graph of the model (or None) and what tracing had to give up on."""
 
     graph: fx.Graph | None
     leaves_added: dict[str, str] = field(default_factory=dict)  # qualname -> why
@@ -92,10 +94,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def trace(model: nn.Module) -> TraceResult:
-    """Trace ``model`` in train mode; unrecoverable failures come back as ``error``, not raised."""
+def trace(model: nn.Module, train: bool = True) -> TraceResult:
+    """Trace ``model`` in train (or eval) mode; unrecoverable failures come back as ``error``."""
     was_training = model.training
-    model.train()
+    model.train(train)
     leaves: dict[str, str] = {}
     try:
         for _ in range(_MAX_LEAF_RETRIES):
