@@ -53,6 +53,8 @@ NATIVE_MATCH = {
     "ln": "nn.GroupNorm(1)",
     "in": "nn.InstanceNorm2d",
     "pn": "timm LayerNorm2d",
+    "proxy_gn": "nn.BatchNorm2d+ReLU",
+    "proxy_ln": "nn.BatchNorm2d+ReLU",
 }
 
 
@@ -112,7 +114,12 @@ def build_target(name: str, bn: nn.BatchNorm2d, shape: tuple[int, ...], channels
     """The converter's way: reader(source module) -> target.build(...).module; or (None, why)."""
     target = get_target(name)
     if getattr(target, "needs_context", False):
-        return None, "needs graph context beyond the module (not built by this benchmark)"
+        # Proxy Norm fuses the activation after the norm: start from a BN with a fused ReLU
+        # (timm BatchNormAct2d), which brings its own φ, as a converted model would have.
+        import timm.layers as tl
+        fused = tl.BatchNormAct2d(bn.num_features, act_layer=nn.ReLU)
+        fused.load_state_dict(bn.state_dict())
+        bn = fused
     match = match_source(bn)
     source = match.reader(bn)
     if channels_last:
@@ -153,6 +160,8 @@ def main(argv=None) -> int:
                    help="comma-separated target names, or 'all' (default) for available_targets()")
     p.add_argument("--no-nhwc", action="store_true",
                    help="skip the section with layers built for channels-last *layout* (N, H, W, C)")
+    p.add_argument("--no-model-step", dest="model_step", action="store_false",
+                   help="skip the ResNet-50 train-step comparison at the end")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads(N) first (default: leave torch's default)")
     args = p.parse_args(argv)
@@ -188,6 +197,7 @@ def main(argv=None) -> int:
         "nn.InstanceNorm2d": lambda: nn.InstanceNorm2d(c, affine=True),
         "tv FrozenBatchNorm2d": lambda: FrozenBatchNorm2d(c),
         "nn.GroupNorm(G=C)": lambda: nn.GroupNorm(c, c),
+        "nn.BatchNorm2d+ReLU": lambda: nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()),
     }
     # Always shown when their family is benchmarked: alternatives worth comparing against.
     if "timm LayerNorm2d" in wanted:
@@ -322,7 +332,45 @@ def main(argv=None) -> int:
     print("\nx BN: ratio to nn.BatchNorm2d on contiguous NCHW input; x ref: ratio to the 'ref' row "
           "(same run). [cl] = torch.channels_last memory format; [nhwc] = (N, H, W, C) layout; "
           "ns = normsurgeon.")
+    if args.model_step:
+        model_train_step(args.repeats)
     return 0
+
+
+def model_train_step(repeats: int, batch: int = 8, size: int = 112) -> None:
+    """torchvision ResNet-50 SGD train step (forward, backward, step): original BN vs each proxy
+    conversion, interleaved in the same run."""
+    import torchvision
+
+    torch.manual_seed(0)
+    original = torchvision.models.resnet50()
+    models = {"ResNet-50 (BatchNorm)": original}
+    for t in ("proxy_gn", "proxy_ln"):
+        models[f"ResNet-50 {t}"] = normsurgeon.convert(original, to=t)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 1000, (batch,))
+    steps = {}
+    for label, m in models.items():
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+
+        def step(m=m, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        steps[label] = step
+        step()
+    times = {label: [] for label in steps}
+    for _ in range(max(3, repeats // 6)):
+        for label, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[label].append(time.perf_counter() - t0)
+    base = statistics.median(times["ResNet-50 (BatchNorm)"])
+    rows = [[label, f"{statistics.median(v) * 1e3:.0f}", f"{min(v) * 1e3:.0f}",
+             f"{statistics.median(v) / base:.2f}"] for label, v in times.items()]
+    print(f"\nResNet-50 train step, batch {batch} at {size}x{size} (SGD; forward + backward + step):")
+    print(table(["model", "median ms", "min ms", "x original"], rows, right={1, 2, 3}))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ from normsurgeon.surgery.sources import match_source
 from architectures import ARCHITECTURES
 from conftest import randomize_norms
 
-TARGETS = ["bn", "frozen_bn", "gn", "ln", "in", "pn"]
+TARGETS = ["bn", "frozen_bn", "gn", "ln", "in", "pn", "proxy_gn", "proxy_ln"]
 OURS = (layers.BatchNorm, layers.FrozenBatchNorm, layers.GroupNorm, layers.InstanceNorm,
-        layers.PositionalNorm)
+        layers.PositionalNorm, layers.ProxyNormAct)
 
 
 @functools.lru_cache(maxsize=4)

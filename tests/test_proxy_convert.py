@@ -242,3 +242,31 @@ def test_param_groups_decay_only_proxy_parameters_among_norms():
                     assert f"{name}.bias" in names["no_decay"]
     assert {"cls_token", "pos_embed"} <= set(ns.param_groups(new, 0.05)[1]["param_names"])
     torch.optim.SGD(ns.param_groups(model, 1e-4), lr=0.1).step()
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x, shortcut=None):
+        out = F.relu(self.bn(self.conv(x)))
+        return out if shortcut is None else out + shortcut
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = TwoInputs()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_owner_with_several_inputs_is_not_rewritten_and_says_why():
+    new = ns.convert(Wrapper(), to="proxy_gn", num_groups=2)
+    row = new.normsurgeon_report.rows[0]
+    assert row.new_type == "GroupNorm" and "forward(x, shortcut)" in row.notes[0]
+    assert "forward" not in vars(new.block)
+    new(torch.randn(2, 3, 4, 4))

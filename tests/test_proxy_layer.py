@@ -71,7 +71,7 @@ def test_forward_matches_the_formula(groups):
                                expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU()])
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.LeakyReLU(0.1)])
 def test_gradcheck_input_and_all_four_parameters(act):
     layer = random_layer(act, groups=1, dtype=torch.float64)
     x = torch.randn(2, C, 3, 3, dtype=torch.float64, requires_grad=True)

@@ -31,6 +31,13 @@ def normal_quantile_grid(num_points: int = DEFAULT_PROXY_POINTS) -> torch.Tensor
     return torch.special.ndtri(levels)
 
 
+def _positively_homogeneous(act: nn.Module) -> bool:
+    """φ(s·z) = s·φ(z) for every s > 0: the PN scale can then move inside φ."""
+    if isinstance(act, (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity)):
+        return True
+    return getattr(act, "fn", None) in (F.relu, torch.relu, F.leaky_relu)
+
+
 def _not_inplace(act: nn.Module) -> nn.Module:
     """A copy of ``act`` that does not modify its input (PN-Act reuses the pre-activation)."""
     if getattr(act, "inplace", False):
@@ -62,6 +69,7 @@ class ProxyNormAct(FusedActLayout, nn.Module):
         # and the moments cast the grid to their own dtype)
         self.register_buffer("proxy_grid", normal_quantile_grid(proxy_points), persistent=False)
         self._init_fused(channels_last, _not_inplace(act), drop)
+        self.scale_inside_act = _positively_homogeneous(self.act)
 
     def proxy_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, s), each (C,): mean and 1/sqrt(var + ε_proxy) of φ(γ·Y + β) on the grid (≥ fp32)."""
@@ -84,10 +92,21 @@ class ProxyNormAct(FusedActLayout, nn.Module):
             raise ValueError(f"{self._where()} normalizes over a single value per group (input "
                              f"shape {tuple(x.shape)}): the output would be constant")
         view = (1, -1) + (1,) * (x.ndim - 2)
-        y = F.group_norm(x, self.num_groups, None, None, self.eps)
-        z = self.act(self.drop(torch.addcmul(self.bias.view(view), y, self.weight.view(view))))
         mean, scale = self.proxy_moments()
-        out = ((z.to(mean.dtype) - mean.view(view)) * scale.view(view)).to(x.dtype)
+        plain_drop = type(self.drop) is nn.Identity
+        if plain_drop and self.scale_inside_act and x.dtype == mean.dtype:
+            # φ positively homogeneous and s > 0: (φ(γy + β) − m)·s = φ(sγ·y + sβ) − m·s,
+            # so the scale joins the group-norm kernel's affine and one pass remains after φ
+            z = F.group_norm(x, self.num_groups, self.weight * scale, self.bias * scale, self.eps)
+            out = torch.sub(self.act(z), (mean * scale).view(view))
+        else:
+            # γ·y + β fused into the group-norm kernel, then φ, then (a − m)·s as one addcmul
+            z = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+            a = self.act(z if plain_drop else self.drop(z))
+            if a.dtype == mean.dtype:
+                out = torch.addcmul((-mean * scale).view(view), a, scale.view(view))
+            else:  # half precision: subtract the proxy mean in float32
+                out = ((a.to(mean.dtype) - mean.view(view)) * scale.view(view)).to(x.dtype)
         return out.movedim(1, -1) if self.channels_last else out
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ Anything else (an add, several consumers, a non-elementwise op) is not paired, w
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from torch import fx, nn
@@ -94,6 +95,16 @@ def _owner_of(model: nn.Module, name: str) -> tuple[str, str]:
     return parent, child
 
 
+def _why_not_rewritable(owner: nn.Module) -> str | None:
+    """A forward with more than one argument may be called with values FX did not trace with
+    (``shortcut=None`` traced as a tensor placeholder bakes in the wrong branch)."""
+    params = list(inspect.signature(owner.forward).parameters.values())
+    if len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        names = ", ".join(p.name for p in params)
+        return f"its parent's forward({names}) takes more than one input, which FX cannot trace faithfully"
+    return None
+
+
 def find_pairings(model: nn.Module, site_names: list[str]) -> tuple[dict[str, Pairing], dict]:
     """Pairings for ``site_names`` (qualnames of norm modules) and the per-owner edit plans."""
     by_owner: dict[str, list[str]] = {}
@@ -142,6 +153,11 @@ def find_pairings(model: nn.Module, site_names: list[str]) -> tuple[dict[str, Pa
                 pairings[name] = Pairing(train.activation, owner=owner_name, removal="rewrite",
                                          describe=f"{kind} in its parent's forward (rewritten)")
             if pairings[name].removal == "rewrite":
+                why_not = _why_not_rewritable(owner)
+                if why_not:
+                    pairings[name] = Pairing(reason=f"removing its activation needs a forward rewrite, "
+                                                    f"but {why_not}", owner=owner_name)
+                    continue
                 rewrite[name] = (train, evaluation)
         if rewrite:
             plans[owner_name] = {"graphs": {m: t.graph for m, t in traced.items()},
