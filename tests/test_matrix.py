@@ -19,9 +19,11 @@ from normsurgeon.surgery.sources import match_source
 from architectures import ARCHITECTURES
 from conftest import randomize_norms
 
-TARGETS = ["bn", "frozen_bn", "gn", "ln", "in", "pn", "proxy_gn", "proxy_ln"]
+TARGETS = ["bn", "frozen_bn", "gn", "ln", "in", "pn", "proxy_gn", "proxy_ln", "bgn", "iebn"]
+OPTIONS = {"bgn": {"num_groups": "auto", "batch_size": 2}}
 OURS = (layers.BatchNorm, layers.FrozenBatchNorm, layers.GroupNorm, layers.InstanceNorm,
-        layers.PositionalNorm, layers.ProxyNormAct)
+        layers.PositionalNorm, layers.ProxyNormAct, layers.BatchGroupNorm,
+        layers.InstanceEnhancementBatchNorm)
 
 
 @functools.lru_cache(maxsize=4)
@@ -60,7 +62,7 @@ def test_convert_architecture(arch, to):
     model, size = build(arch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        new = ns.convert(model, to=to, input_size=(3, size, size))
+        new = ns.convert(model, to=to, input_size=(3, size, size), **OPTIONS.get(to, {}))
     report = new.normsurgeon_report
 
     explained = {n for r in report.rows if r.status in ("skipped", "unsupported")

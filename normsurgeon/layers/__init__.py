@@ -1,10 +1,11 @@
 """The normalization zoo: one file per family. Each layer keeps the channel layout of the norm it
 replaces (``channels_last``) and timm's fused ``drop``/``act`` children."""
+from .batch_group_norm import BatchGroupNorm, InstanceEnhancementBatchNorm
 from .batch_norm import BatchNorm, FrozenBatchNorm
 from .group_norm import GroupNorm, LayerNorm
 from .instance_norm import InstanceNorm
 from .positional_norm import PositionalNorm
 from .proxy_norm import ProxyNormAct
 
-__all__ = ["BatchNorm", "FrozenBatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm", "PositionalNorm",
+__all__ = ["BatchGroupNorm", "InstanceEnhancementBatchNorm", "BatchNorm", "FrozenBatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm", "PositionalNorm",
            "ProxyNormAct"]

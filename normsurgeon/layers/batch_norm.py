@@ -23,7 +23,26 @@ from torch import nn
 from .base import FusedActLayout, elements_per_channel
 
 
-class BatchNorm(FusedActLayout, nn.modules.batchnorm._BatchNorm):
+class PendingStatistics:
+    """Mixin for batch-statistics layers built without statistics to start from: while
+    ``statistics_pending``, the first training batch sets the running statistics (momentum 1
+    once). Loading a state_dict clears it: loaded statistics are real ones."""
+
+    statistics_pending: bool = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.statistics_pending = False
+
+    def _take_pending(self) -> bool:
+        """True exactly once, on the first training step of a pending layer."""
+        if self.statistics_pending and self.training and self.track_running_stats:
+            self.statistics_pending = False
+            return True
+        return False
+
+
+class BatchNorm(PendingStatistics, FusedActLayout, nn.modules.batchnorm._BatchNorm):
     """BatchNorm over (N, *positions) per channel, any rank, either layout, fused drop/act.
 
     A subclass of ``_BatchNorm``: state_dict keys and tools that look for BatchNorm
@@ -37,10 +56,6 @@ class BatchNorm(FusedActLayout, nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self._init_fused(channels_last, act, drop)
         self.statistics_pending = statistics_pending
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.statistics_pending = False  # loaded statistics are real ones
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.ndim < 2 or x.shape[1] != self.num_features:
@@ -57,14 +72,12 @@ class BatchNorm(FusedActLayout, nn.modules.batchnorm._BatchNorm):
                 f"{self._where()} needs batch statistics but got one value per channel "
                 f"(input shape {tuple(x.shape)}): use a batch of 2 or more, call model.eval(), "
                 f"or convert this layer to a batch-independent target ('frozen_bn', 'gn', 'ln').")
-        if self.statistics_pending and self.training and self.track_running_stats:
+        if self._take_pending():
             momentum, self.momentum = self.momentum, 1.0
             try:
-                y = super().forward(x)
+                return super().forward(x)
             finally:
                 self.momentum = momentum
-            self.statistics_pending = False
-            return y
         return super().forward(x)
 
     def extra_repr(self) -> str:

@@ -17,8 +17,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import proxy_targets, standard_targets  # noqa: F401  (register the targets)
+from . import batch_group_targets, proxy_targets, standard_targets  # noqa: F401  (register targets)
 from .pairing import apply_plan, find_pairings
+from .shortcuts import find_shortcut_norms
 from .probe import check_on_meta, meta_forward
 from . import forward_rewrite
 from .registry import Built, SiteInfo, SkipSite, get_target
@@ -172,10 +173,15 @@ def _run(model, to, include, exclude, overrides, input_size, options, dry_run, i
     analysis = analyze(work, input_size)
     _warn_unmatched(include, analysis.sites, "include")
     _warn_unmatched(exclude, analysis.sites, "exclude")
+    used = [target] + [get_target(o.get("to", target.name)) for o in (overrides or {}).values()]
+    contexts = {t.context for t in used if t.needs_context}
+    readable = [s.name for s in analysis.sites if s.match.reader]
     pairings, plans = {}, {}
-    if target.needs_context or any(get_target(o.get("to", target.name)).needs_context
-                                   for o in (overrides or {}).values()):
-        pairings, plans = find_pairings(work, [s.name for s in analysis.sites if s.match.reader])
+    if "activation" in contexts:
+        pairings, plans = find_pairings(work, readable)
+    if "shortcut" in contexts and analysis.trace.ok:
+        on_shortcut = find_shortcut_norms(analysis.trace.graph, dict(work.named_modules()), set(readable))
+        pairings.update({name: name in on_shortcut for name in readable if name not in pairings})
     rows, builds = _build_all(analysis, target.name, include, exclude, overrides, options, dry_run, pairings)
     report = ConversionReport(
         target.name, type(model).__name__, dict(options), rows, analysis.functional,

@@ -45,6 +45,7 @@ class Target:
     options: tuple[str, ...] = ()
     batch_dependent: bool = False
     needs_context: bool = False  # needs graph context beyond the module itself
+    context: str = "activation"  # which: "activation" (pairing.Pairing) or "shortcut" (bool)
 
     def check_options(self, options: dict) -> None:
         allowed = set(self.options) | set(COMMON_OPTIONS)
@@ -61,13 +62,15 @@ _TARGETS: dict[str, Target] = {}
 
 def register_target(name: str, build: Callable, *, summary: str, options: tuple[str, ...] = (),
                     batch_dependent: bool = False, needs_context: bool = False,
-                    replace: bool = False) -> Target:
+                    context: str = "activation", replace: bool = False) -> Target:
     """Add a conversion target ``name`` (see the module docstring for the builder contract)."""
     if not isinstance(name, str) or not name:
         raise TypeError("a target name is a non-empty string")
     if name in _TARGETS and not replace:
         raise ValueError(f"target {name!r} is already registered; pass replace=True to override it")
-    target = Target(name, build, summary, tuple(options), batch_dependent, needs_context)
+    if context not in ("activation", "shortcut"):
+        raise ValueError(f"context={context!r}: 'activation' or 'shortcut'")
+    target = Target(name, build, summary, tuple(options), batch_dependent, needs_context, context)
     _TARGETS[name] = target
     return target
 

@@ -26,6 +26,18 @@ from .registry import Built
 from .sources import SourceNorm
 
 
+def group_statistics(mean: torch.Tensor, var: torch.Tensor, group_of_channel: torch.Tensor):
+    """Population (mean, var) of each channel group from per-channel ones, as a mixture:
+    μ_g = mean_{c∈g} μ_c, σ²_g = mean_{c∈g}(σ²_c + μ_c²) − μ_g². Float64, shape (G,)."""
+    mu, var = mean.double(), var.double()
+    groups = group_of_channel.to(mu.device)
+    count = torch.zeros(int(groups.max()) + 1, dtype=mu.dtype, device=mu.device).index_add_(
+        0, groups, torch.ones_like(mu))
+    mean_g = torch.zeros_like(count).index_add_(0, groups, mu) / count
+    power_g = torch.zeros_like(count).index_add_(0, groups, var + mu * mu) / count
+    return mean_g, (power_g - mean_g * mean_g).clamp_min(0)
+
+
 class Transfer:
     """Accumulates a ``Built`` while copying tensors from ``source`` into ``module``."""
 
@@ -85,11 +97,7 @@ class Transfer:
             return self
         mu, var = src.running_mean.double(), src.running_var.double()
         groups = group_of_channel.to(mu.device)
-        count = torch.zeros(int(groups.max()) + 1, dtype=mu.dtype, device=mu.device).index_add_(
-            0, groups, torch.ones_like(mu))
-        mean_g = torch.zeros_like(count).index_add_(0, groups, mu) / count
-        power_g = torch.zeros_like(count).index_add_(0, groups, var + mu * mu) / count
-        var_g = (power_g - mean_g * mean_g).clamp_min(0)
+        mean_g, var_g = group_statistics(mu, var, groups)
         std_c = torch.sqrt(var + src.eps)
         gamma, beta = src.weight.double(), src.bias.double()
         dst.weight.copy_(gamma * torch.sqrt(var_g[groups] + eps) / std_c)

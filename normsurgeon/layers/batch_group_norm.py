@@ -1,0 +1,121 @@
+"""Batch Group Normalization (Zhou et al. 2020) and Instance-Enhancement BN (Liang et al. 2020).
+
+Both are batch-statistics norms with BatchNorm's running-statistics semantics (EMA with
+``momentum``, cumulative average with ``momentum=None``, unbiased running variance), built on
+the native batch-norm kernel over a reshaped view.
+
+``BatchGroupNorm``: x (N, C, *) viewed as (N, G, C·P/G), channels split into G contiguous
+groups; per group g, mean and (biased) variance over the batch and the group's C/G channels
+and P positions together (N·C·P/G values); then a per-channel affine:
+    y_{n,c,p} = γ_c (x_{n,c,p} − μ_g) / sqrt(σ²_g + eps) + β_c,   g = c // (C/G).
+G = C is exactly BatchNorm; G = 1 pools everything. Running statistics are per group (G,).
+
+``InstanceEnhancementBatchNorm``: s_{n,c} = mean over positions of the *input*,
+a_{n,c} = sigmoid(w_c·s_{n,c} + b_c), x̂ = BatchNorm without affine,
+    y = x̂ · γ_c · a_{n,c} + β_c.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import FusedActLayout, elements_per_channel
+from .batch_norm import PendingStatistics
+
+
+def batch_norm_without_affine(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``_BatchNorm.forward``'s statistics logic on (N, K, *) with K = len(running_mean), no affine."""
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+    if isinstance(module, PendingStatistics) and module._take_pending():
+        factor = 1.0
+    use_batch = module.training or (module.running_mean is None and module.running_var is None)
+    track = not module.training or module.track_running_stats
+    return F.batch_norm(x, module.running_mean if track else None, module.running_var if track else None,
+                        None, None, use_batch, factor, module.eps)
+
+
+def _needs_two(module, x: torch.Tensor, per_statistic: int) -> None:
+    if (module.training or not module.track_running_stats) and per_statistic < 2:
+        raise ValueError(
+            f"{module._where()} needs batch statistics but got one value per statistic (input shape "
+            f"{tuple(x.shape)}): use a batch of 2 or more, call model.eval(), or convert this layer "
+            f"to a batch-independent target ('frozen_bn', 'gn', 'ln').")
+
+
+class BatchGroupNorm(PendingStatistics, FusedActLayout, nn.modules.batchnorm._BatchNorm):
+    """BGN: batch statistics per group of C/G channels, per-channel affine (equations above).
+
+    A ``_BatchNorm`` over G features (running statistics are (G,)), so BatchNorm tools such as
+    ``torch.optim.swa_utils.update_bn`` recalibrate it too; γ, β are (C,).
+    """
+
+    def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 *, channels_last: bool = False, act: nn.Module | None = None,
+                 drop: nn.Module | None = None):
+        if num_groups < 1 or num_groups > num_channels or num_channels % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels} "
+                             f"(G > C would split a channel's positions, which depends on the input size)")
+        super().__init__(num_groups, eps, momentum, affine=False, track_running_stats=track_running_stats)
+        self.num_channels, self.num_groups, self.affine = num_channels, num_groups, affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels))
+            self.bias = nn.Parameter(torch.zeros(num_channels))
+        self._init_fused(channels_last, act, drop)
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.ndim < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"{self._where()} expects {self.num_channels} channels, got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply_norm(x, self._normalize)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        n = x.shape[0]
+        _needs_two(self, x, n * self.num_channels // self.num_groups * elements_per_channel(x))
+        y = batch_norm_without_affine(self, x.reshape(n, self.num_groups, -1)).view_as(x)
+        if self.weight is None:
+            return y
+        view = (1, -1) + (1,) * (x.ndim - 2)
+        return torch.addcmul(self.bias.view(view), y, self.weight.view(view))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}{self._layout_repr()}")
+
+
+class InstanceEnhancementBatchNorm(PendingStatistics, FusedActLayout, nn.modules.batchnorm._BatchNorm):
+    """IEBN: BatchNorm whose γ is rescaled per sample by sigmoid(w·GAP(input) + b)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 track_running_stats: bool = True, *, channels_last: bool = False,
+                 act: nn.Module | None = None, drop: nn.Module | None = None):
+        super().__init__(num_features, eps, momentum, affine=True, track_running_stats=track_running_stats)
+        self.attention_weight = nn.Parameter(torch.zeros(num_features))
+        self.attention_bias = nn.Parameter(torch.full((num_features,), -1.0))
+        self._init_fused(channels_last, act, drop)
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.ndim < 3 or x.shape[1] != self.num_features:
+            raise ValueError(f"{self._where()} expects (N, {self.num_features}, *positions), got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._apply_norm(x, self._normalize)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        _needs_two(self, x, x.shape[0] * elements_per_channel(x))
+        view = (x.shape[0], -1) + (1,) * (x.ndim - 2)
+        context = x.mean(dim=tuple(range(2, x.ndim)))
+        gate = torch.sigmoid(torch.addcmul(self.attention_bias, context, self.attention_weight))
+        x_hat = batch_norm_without_affine(self, x)
+        return torch.addcmul(self.bias.view((1, -1) + (1,) * (x.ndim - 2)), x_hat, (gate * self.weight).view(view))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self._layout_repr()
