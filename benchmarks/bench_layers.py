@@ -5,7 +5,9 @@
 
 Each target layer is built the way the converter builds it: from a native
 ``nn.BatchNorm2d(C)`` with random running statistics and affine, via
-``get_target(name).build(match_source(bn).reader(bn), SiteInfo('x', shape), {}).module``.
+``get_target(name).build(match_source(bn).reader(bn), SiteInfo('x', shape), options).module``
+(``options`` from TARGET_OPTIONS: ``bgn`` gets a row with num_groups=32 and one with 'auto' at
+batch_size=8; other targets ``{}``). FLOORS are checked at the end (median / median of ref).
 
 One timed call = ``y = layer(x)`` then ``torch.autograd.grad(y, [x] + trainable params, g)``
 with a fixed random ``g`` of y's memory format (so the input gradient is computed, as inside a
@@ -55,7 +57,18 @@ NATIVE_MATCH = {
     "pn": "timm LayerNorm2d",
     "proxy_gn": "nn.BatchNorm2d+ReLU",
     "proxy_ln": "nn.BatchNorm2d+ReLU",
+    "bgn": "nn.BatchNorm2d",
+    "iebn": "nn.BatchNorm2d",
 }
+
+# Targets whose build needs options: one row per entry, (row tag, options). A target not listed
+# gets one row built with no options.
+TARGET_OPTIONS = {
+    "bgn": [(None, {"num_groups": 32}), ("auto B=8", {"num_groups": "auto", "batch_size": 8})],
+}
+
+# Floors: forward + backward median of the target / median of its ref, same run.
+FLOORS = {"bgn": 1.3, "iebn": 1.6}
 
 
 @dataclass
@@ -110,12 +123,15 @@ def randomize_affine(m: nn.Module, gen: torch.Generator) -> nn.Module:
     return m
 
 
-def build_target(name: str, bn: nn.BatchNorm2d, shape: tuple[int, ...], channels_last: bool = False):
+def build_target(name: str, bn: nn.BatchNorm2d, shape: tuple[int, ...], channels_last: bool = False,
+                 options: dict | None = None):
     """The converter's way: reader(source module) -> target.build(...).module; or (None, why)."""
     target = get_target(name)
-    if getattr(target, "needs_context", False):
+    if getattr(target, "needs_context", False) and getattr(target, "context", "activation") == "activation":
         # Proxy Norm fuses the activation after the norm: start from a BN with a fused ReLU
         # (timm BatchNormAct2d), which brings its own φ, as a converted model would have.
+        # (Targets with a "shortcut" context, iebn, start from the plain BN; SiteInfo.context
+        # None = not a shortcut norm.)
         import timm.layers as tl
         fused = tl.BatchNormAct2d(bn.num_features, act_layer=nn.ReLU)
         fused.load_state_dict(bn.state_dict())
@@ -125,10 +141,15 @@ def build_target(name: str, bn: nn.BatchNorm2d, shape: tuple[int, ...], channels
     if channels_last:
         source.channels_last = True
     try:
-        built = target.build(source, SiteInfo("x", tuple(shape)), {})
+        built = target.build(source, SiteInfo("x", tuple(shape)), dict(options or {}))
     except Exception as exc:  # noqa: BLE001  (reported as a skipped row)
         return None, f"build needs more: {type(exc).__name__}: {exc}"
     return built.module, None
+
+
+def describe(m: nn.Module) -> str:
+    """Options of a built layer worth showing in its row label."""
+    return f" G={m.num_groups}" if isinstance(m, normsurgeon.layers.BatchGroupNorm) else ""
 
 
 def trainable(m: nn.Module) -> list[torch.Tensor]:
@@ -222,16 +243,20 @@ def main(argv=None) -> int:
     for label, m in natives.items():
         m.train()
         variants.append(Variant(label, m, trainable(m), "nchw"))
-    ours: dict[str, nn.Module] = {}
+    ours: dict[str, nn.Module] = {}  # row key ("bgn", "bgn auto B=8", ...) -> module
+    row_specs: dict[str, tuple[str, dict]] = {}  # row key -> (target, options)
+    labels: dict[str, str] = {}  # row key -> NCHW row label
     for t in targets:
-        module, why = build_target(t, bn_source, shape)
-        if module is None:
-            skipped.append(f"{t}: {why}")
-            continue
-        module.train()
-        ours[t] = module
-        variants.append(Variant(f"ns {t} ({type(module).__name__})", module, trainable(module), "nchw",
-                                ref_of(t)))
+        for tag, options in TARGET_OPTIONS.get(t, [(None, {})]):
+            key = f"{t} {tag}" if tag else t
+            module, why = build_target(t, bn_source, shape, options=options)
+            if module is None:
+                skipped.append(f"{key}: {why}")
+                continue
+            module.train()
+            ours[key], row_specs[key] = module, (t, options)
+            labels[key] = f"ns {key} ({type(module).__name__}{describe(module)})"
+            variants.append(Variant(labels[key], module, trainable(module), "nchw", ref_of(t)))
 
     # channels_last memory format (same NCHW logical shape): BN and GN, native and ours; and
     # PositionalNorm, whose permute to (N, H, W, C) is free on such an input.
@@ -241,7 +266,7 @@ def main(argv=None) -> int:
             m = natives[native_label]
             variants.append(Variant(f"{native_label} [cl]", m, trainable(m), "cl"))
         if t in ours:
-            variants.append(Variant(f"ns {t} ({type(ours[t]).__name__}) [cl]", ours[t], trainable(ours[t]),
+            variants.append(Variant(f"{labels[t]} [cl]", ours[t], trainable(ours[t]),
                                     "cl", f"{native_label} [cl]" if native_label in natives else None))
 
     # Layers built for channels-last *layout*: input (N, H, W, C), as after converting a
@@ -249,17 +274,15 @@ def main(argv=None) -> int:
     if not args.no_nhwc:
         ln_native = randomize_affine(nn.LayerNorm(c), gen)
         variants.append(Variant("nn.LayerNorm [nhwc]", ln_native, trainable(ln_native), "nhwc"))
-        for t in targets:
-            if t not in ours:
-                continue
-            module, why = build_target(t, bn_source, (n, h, w, c), channels_last=True)
+        for key, (t, options) in row_specs.items():
+            module, why = build_target(t, bn_source, (n, h, w, c), channels_last=True, options=options)
             if module is None:
-                skipped.append(f"{t} [nhwc]: {why}")
+                skipped.append(f"{key} [nhwc]: {why}")
                 continue
             module.train()
-            ref = "nn.LayerNorm [nhwc]" if t == "pn" else f"ns {t} ({type(ours[t]).__name__})"
-            variants.append(Variant(f"ns {t} ({type(module).__name__}) [nhwc]", module, trainable(module),
-                                    "nhwc", ref))
+            ref = "nn.LayerNorm [nhwc]" if t == "pn" else labels[key]
+            variants.append(Variant(f"ns {key} ({type(module).__name__}{describe(module)}) [nhwc]", module,
+                                    trainable(module), "nhwc", ref))
 
     x_nchw = torch.randn(shape, generator=gen)
     inputs = {
@@ -323,6 +346,16 @@ def main(argv=None) -> int:
             print(f"\n{title}:")
             print(table(["variant", "median ms", "p25-p75", "min ms", "x BN", "ref", "x ref", "x ref(min)"],
                         rows, right={1, 2, 3, 4, 6, 7}))
+    floor_lines = []
+    for key, (t, _) in row_specs.items():
+        ref = ref_of(t)
+        if t in FLOORS and ref in med:
+            ratio, ratio_min = med[labels[key]] / med[ref], low[labels[key]] / low[ref]
+            floor_lines.append(f"  {key}: x {ref} = {ratio:.2f} (min/min {ratio_min:.2f}), floor <= {FLOORS[t]}: "
+                               + ("met" if ratio <= FLOORS[t] else "NOT met"))
+    if floor_lines:
+        print("\nfloors (forward + backward, NCHW, median / median of ref, same run):")
+        print("\n".join(floor_lines))
     if skipped:
         print("\nskipped: " + "; ".join(skipped))
     if noisy:
