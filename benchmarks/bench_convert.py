@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normsurgeon  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 # importlib, not `from normsurgeon.surgery import convert`: the package re-exports the
 # function `convert` under the submodule's name.
 convert_mod = importlib.import_module("normsurgeon.surgery.convert")
@@ -49,17 +50,6 @@ sites_mod = importlib.import_module("normsurgeon.surgery.sites")
 
 FLOOR_S = 0.5  # a conversion should take less than this
 STAGES = ("deepcopy", "find", "trace", "graph", "probe", "build", "verify", "install")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def header(title: str) -> None:

@@ -44,6 +44,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normsurgeon  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 from normsurgeon.surgery.registry import SiteInfo, get_target  # noqa: E402
 from normsurgeon.surgery.sources import match_source  # noqa: E402
 
@@ -90,17 +91,6 @@ class Permuted(nn.Module):
 
     def forward(self, x):
         return self.inner(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def random_bn(c: int, gen: torch.Generator) -> nn.BatchNorm2d:
