@@ -105,6 +105,8 @@ def build_iebn(source: SourceNorm, site: SiteInfo, options: dict):
         options.get("momentum", source.momentum if source.kind == "batch" else 0.1),
         channels_last=source.channels_last, act=source.act, drop=source.drop)
     t = Transfer(source, module).affine().statistics()
+    if site.context is None:
+        t.note("no traced graph here: shortcut detection unavailable, converted as a main-path norm")
     module.statistics_pending = not from_batch
     t.built.reset += ["attention_weight", "attention_bias"]
     with torch.no_grad():

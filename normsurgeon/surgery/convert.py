@@ -82,7 +82,7 @@ def _row(site: Site, status: str, target: str | None, **kw) -> SiteRow:
                    aliases=site.aliases, **kw)
 
 
-def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options, dry_run, pairings):
+def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options, dry_run, site_context):
     rows, builds = [], []
     for site in analysis.sites:
         if site.match.unsupported:
@@ -97,7 +97,7 @@ def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options
         target.check_options(site_opts)
         try:
             source = site.match.reader(site.module)
-            info = SiteInfo(site.name, site.input_shape, pairings.get(site.name))
+            info = SiteInfo(site.name, site.input_shape, site_context.get(target.context, {}).get(site.name))
             built: Built = target.build(source, info, site_opts)
         except (SkipSite, UnsupportedSource) as why:
             rows.append(_row(site, "skipped", site_to, reason=str(why)))
@@ -176,13 +176,16 @@ def _run(model, to, include, exclude, overrides, input_size, options, dry_run, i
     used = [target] + [get_target(o.get("to", target.name)) for o in (overrides or {}).values()]
     contexts = {t.context for t in used if t.needs_context}
     readable = [s.name for s in analysis.sites if s.match.reader]
-    pairings, plans = {}, {}
+    site_context: dict[str, dict] = {"activation": {}, "shortcut": {}}  # context kind -> site -> value
+    plans = {}
     if "activation" in contexts:
-        pairings, plans = find_pairings(work, readable)
+        site_context["activation"], plans = find_pairings(work, readable)
     if "shortcut" in contexts and analysis.trace.ok:
         on_shortcut = find_shortcut_norms(analysis.trace.graph, dict(work.named_modules()), set(readable))
-        pairings.update({name: name in on_shortcut for name in readable if name not in pairings})
-    rows, builds = _build_all(analysis, target.name, include, exclude, overrides, options, dry_run, pairings)
+        site_context["shortcut"] = {name: name in on_shortcut for name in readable}
+    rows, builds = _build_all(analysis, target.name, include, exclude, overrides, options, dry_run,
+                              site_context)
+    pairings = site_context["activation"]
     report = ConversionReport(
         target.name, type(model).__name__, dict(options), rows, analysis.functional,
         {"ok": analysis.trace.ok, "error": analysis.trace.error, "leaves_added": analysis.trace.leaves_added},
