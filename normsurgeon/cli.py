@@ -308,8 +308,9 @@ def cmd_demo(args) -> int:
     else:
         verdict = "Without calibration this agreement is not to be relied on: "
     _out(_wrap(verdict + "GroupNorm normalizes each sample with its own per-group statistics, while "
-               "the pretrained weights were fitted to the BatchNorm running statistics, which the "
-               "conversion drops (γ and β are transferred; see the transfer rules above). "
+               "the pretrained weights were fitted to the BatchNorm running statistics. The "
+               "conversion folds those statistics into γ and β (fold_statistics=True), which is "
+               "exact only when a sample's group statistics equal the population's. "
                "Calibration (normsurgeon.calibrate, planned, not available yet) is meant to recover "
                "the original's predictions; until then a converted GN model needs fine-tuning."))
     _out("")
