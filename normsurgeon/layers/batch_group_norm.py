@@ -1,8 +1,10 @@
 """Batch Group Normalization (Zhou et al. 2020) and Instance-Enhancement BN (Liang et al. 2020).
 
 Both are batch-statistics norms with BatchNorm's running-statistics semantics (EMA with
-``momentum``, cumulative average with ``momentum=None``, unbiased running variance), built on
-the native batch-norm kernel over a reshaped view.
+``momentum``, cumulative average with ``momentum=None``, unbiased running variance). With batch
+statistics (training, or ``track_running_stats=False``) they run as one custom autograd Function
+each (``_group_statistics.py``: y = K·x + L per (n, c), native reductions, first-order gradients
+only — double backward raises); with running statistics, as plain differentiable torch ops.
 
 ``BatchGroupNorm``: x (N, C, *) viewed as (N, G, C·P/G), channels split into G contiguous
 groups; per group g, mean and (biased) variance over the batch and the group's C/G channels
@@ -21,21 +23,55 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import FusedActLayout, elements_per_channel
+from ._group_statistics import BatchGroupNormFunction, InstanceEnhancementFunction
 from .batch_norm import PendingStatistics
 
 
-def batch_norm_without_affine(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """``_BatchNorm.forward``'s statistics logic on (N, K, *) with K = len(running_mean), no affine."""
+def _running_factor(module: nn.modules.batchnorm._BatchNorm) -> float:
+    """``_BatchNorm.forward``'s update factor for this call; counts a training batch.
+
+    EMA factor ``momentum``, or 1/num_batches_tracked (cumulative average) when momentum is None;
+    1 on the first training batch of a layer with ``statistics_pending``.
+    """
     factor = 0.0 if module.momentum is None else module.momentum
     if module.training and module.track_running_stats and module.num_batches_tracked is not None:
         module.num_batches_tracked.add_(1)
         factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
     if isinstance(module, PendingStatistics) and module._take_pending():
         factor = 1.0
-    use_batch = module.training or (module.running_mean is None and module.running_var is None)
+    return factor
+
+
+def _uses_batch_statistics(module: nn.modules.batchnorm._BatchNorm) -> bool:
+    return module.training or (module.running_mean is None and module.running_var is None)
+
+
+def _update_running(module: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                    count: int, factor: float) -> None:
+    """BatchNorm's update in training (nothing otherwise): running ← (1 − f)·running + f·batch,
+    with the variance made unbiased, σ²·M/(M − 1), M = ``count`` values per statistic."""
+    if not (module.training and module.track_running_stats):
+        return
+    with torch.no_grad():
+        module.running_mean.mul_(1.0 - factor).add_(mean, alpha=factor)
+        module.running_var.mul_(1.0 - factor).add_(var, alpha=factor * count / (count - 1))
+
+
+def _fused_dtype_ok(module: nn.Module, x: torch.Tensor) -> bool:
+    """The fused paths need one dtype throughout, float32 or float64. Other inputs (half,
+    bfloat16, mixed precision) take the unfused ops (``_normalize_unfused``), unchanged from the
+    original implementation: the native batch-norm kernel keeps their statistics in float32."""
+    return x.dtype in (torch.float32, torch.float64) and all(
+        t.dtype == x.dtype for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+        if t.is_floating_point())
+
+
+def batch_norm_without_affine(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``_BatchNorm.forward``'s statistics logic on (N, K, *) with K = len(running_mean), no affine."""
+    factor = _running_factor(module)
     track = not module.training or module.track_running_stats
     return F.batch_norm(x, module.running_mean if track else None, module.running_var if track else None,
-                        None, None, use_batch, factor, module.eps)
+                        None, None, _uses_batch_statistics(module), factor, module.eps)
 
 
 def _needs_two(module, x: torch.Tensor, per_statistic: int) -> None:
@@ -76,9 +112,25 @@ class BatchGroupNorm(PendingStatistics, FusedActLayout, nn.modules.batchnorm._Ba
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        n = x.shape[0]
-        _needs_two(self, x, n * self.num_channels // self.num_groups * elements_per_channel(x))
-        y = batch_norm_without_affine(self, x.reshape(n, self.num_groups, -1)).view_as(x)
+        n, c, g = x.shape[0], self.num_channels, self.num_groups
+        count = n * c // g * elements_per_channel(x)  # M: values per group statistic
+        _needs_two(self, x, count)
+        if not _fused_dtype_ok(self, x):
+            return self._normalize_unfused(x)
+        if not _uses_batch_statistics(self):
+            # Running statistics: plain BatchNorm with each group's statistics repeated over
+            # its C/G channels, affine folded in by the native kernel (one pass).
+            return F.batch_norm(x, self.running_mean.repeat_interleave(c // g),
+                                self.running_var.repeat_interleave(c // g),
+                                self.weight, self.bias, False, 0.0, self.eps)
+        factor = _running_factor(self)
+        y, mean, var = BatchGroupNormFunction.apply(x, self.weight, self.bias, g, self.eps)
+        _update_running(self, mean, var, count, factor)
+        return y
+
+    def _normalize_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        """Native batch norm on the (N, G, C·P/G) view, then the per-channel affine."""
+        y = batch_norm_without_affine(self, x.reshape(x.shape[0], self.num_groups, -1)).view_as(x)
         if self.weight is None:
             return y
         view = (1, -1) + (1,) * (x.ndim - 2)
@@ -110,7 +162,26 @@ class InstanceEnhancementBatchNorm(PendingStatistics, FusedActLayout, nn.modules
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        _needs_two(self, x, x.shape[0] * elements_per_channel(x))
+        count = x.shape[0] * elements_per_channel(x)  # M: values per channel statistic
+        _needs_two(self, x, count)
+        if not _fused_dtype_ok(self, x):
+            return self._normalize_unfused(x)
+        if not _uses_batch_statistics(self):
+            # Running statistics: y = K·x + L, K = γ·a·r, L = β − μ·K per (n, c), r = 1/sqrt(σ² + eps).
+            view = x.shape[:2] + (1,) * (x.ndim - 2)
+            context = x.mean(dim=tuple(range(2, x.ndim)))  # (N, C)
+            gate = torch.sigmoid(torch.addcmul(self.attention_bias, context, self.attention_weight))
+            k = self.weight * gate * torch.rsqrt(self.running_var + self.eps)
+            shift = self.bias - self.running_mean * k
+            return torch.addcmul(shift.view(view), x, k.view(view))
+        factor = _running_factor(self)
+        y, mean, var = InstanceEnhancementFunction.apply(
+            x, self.weight, self.bias, self.attention_weight, self.attention_bias, self.eps)
+        _update_running(self, mean, var, count, factor)
+        return y
+
+    def _normalize_unfused(self, x: torch.Tensor) -> torch.Tensor:
+        """Context mean, native batch norm without affine, then the gated affine."""
         view = (x.shape[0], -1) + (1,) * (x.ndim - 2)
         context = x.mean(dim=tuple(range(2, x.ndim)))
         gate = torch.sigmoid(torch.addcmul(self.attention_bias, context, self.attention_weight))
