@@ -118,6 +118,33 @@ def _fp32(reader: Callable[[nn.Module], SourceNorm]) -> Callable[[nn.Module], So
     return read
 
 
+def read_proxy_norm(m: nn.Module) -> SourceNorm:
+    """PN-Act layer: GN/LN with its γ, β and φ; the proxy parameters have no counterpart."""
+    return SourceNorm("group", m.num_channels, m.channels_last, m.eps, m.weight, m.bias,
+                      num_groups=m.num_groups, act=m.act, drop=_fused(m)["drop"],
+                      note="the proxy normalization after φ (γ̃, β̃) is dropped")
+
+
+def read_batch_group_norm(m: nn.Module) -> SourceNorm:
+    """BGN: group running statistics repeated over each group's channels (exact in eval)."""
+    per_group = m.num_channels // m.num_groups
+    stats = {}
+    if m.running_mean is not None:
+        stats = {"running_mean": m.running_mean.repeat_interleave(per_group),
+                 "running_var": m.running_var.repeat_interleave(per_group)}
+    return SourceNorm("batch", m.num_channels, m.channels_last, m.eps, m.weight, m.bias,
+                      num_batches_tracked=m.num_batches_tracked, momentum=m.momentum,
+                      track_running_stats=m.track_running_stats, **stats, **_fused(m))
+
+
+def read_instance_enhancement(m: nn.Module) -> SourceNorm:
+    """IEBN: a BatchNorm whose γ is the gated one at w = 0 (the instance gate is dropped)."""
+    source = read_batch_norm(m)
+    source.weight = m.weight.detach() * torch.sigmoid(m.attention_bias.detach())
+    source.note = "the instance gate sigmoid(w·GAP(x) + b) is dropped (γ·sigmoid(b) kept; exact when w = 0)"
+    return source
+
+
 Reader = Callable[[nn.Module], SourceNorm]
 _READERS: dict[type, Reader] = {}
 
@@ -152,6 +179,9 @@ def _register_builtin() -> None:
     _READERS[nn.LayerNorm] = read_layer_norm
     _READERS[layers.PositionalNorm] = read_layer_norm
     _READERS[layers.FrozenBatchNorm] = read_frozen_batch_norm
+    _READERS[layers.ProxyNormAct] = read_proxy_norm
+    _READERS[layers.BatchGroupNorm] = read_batch_group_norm
+    _READERS[layers.InstanceEnhancementBatchNorm] = read_instance_enhancement
 
     from torchvision.models.convnext import LayerNorm2d as TvLayerNorm2d
     from torchvision.ops.misc import FrozenBatchNorm2d

@@ -1,0 +1,118 @@
+"""Recording pre-activation statistics at every normalization site of a model.
+
+``Recorder(model)`` hooks each norm site found by ``surgery.sites.find_sites`` at its
+*pre-activation*: the norm's output after its affine and before its activation. For a norm
+with a fused activation (timm NormAct, normsurgeon layers with an ``act``, PN-Act) that is the
+input of its ``act`` child; otherwise the module's output. Values are viewed as (N, C, S)
+(channels-last layouts are moved first) and fed to streaming ``InstanceMoments``. Hooks are
+removed on ``close()`` / leaving the ``with`` block; the model is otherwise untouched.
+
+    with Recorder(model) as rec:
+        for x in batches:
+            model(x)
+    table = rec.statistics()   # one LayerStatistics per site, in execution order
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..surgery.sites import find_sites
+from .accumulators import InstanceMoments
+
+
+@dataclass
+class LayerStatistics:
+    """Pre-activation statistics of one site (power split, failure-mode fractions)."""
+
+    name: str
+    depth: int  # execution order, 0 = first site called
+    module_type: str
+    channels: int
+    instances: int
+    positions: int
+    A: float
+    B: float
+    W: float
+    f_A: float  # channel collapse (LayerNorm failure mode)
+    f_B: float  # inter-instance power (≈ 0 after InstanceNorm: instance-variance failure)
+    f_W: float
+    cv_sigma: float
+    mean: torch.Tensor  # (C,) population mean per channel
+    var: torch.Tensor  # (C,) population variance per channel
+
+    def as_row(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, torch.Tensor)}
+
+
+
+def _as_ncs(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if channels_last:
+        y = y.movedim(-1, 1)
+    return y.reshape(y.shape[0], y.shape[1], -1)
+
+
+class Recorder:
+    """Streaming pre-activation statistics at every norm site of ``model`` (module docstring)."""
+
+    def __init__(self, model: nn.Module, include: list[str] | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Recorder expects an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.moments: dict[str, InstanceMoments] = {}
+        self.order: list[str] = []
+        self.types: dict[str, str] = {}
+        self.nonfinite: dict[str, int] = {}
+        self._handles = []
+        for site in find_sites(model):
+            if site.match.reader is None or (include is not None and site.name not in include):
+                continue
+            self._attach(site.name, site.module, site.match.reader(site.module).channels_last)
+
+    def _attach(self, name: str, module: nn.Module, channels_last: bool) -> None:
+        self.types[name] = type(module).__name__
+        act = getattr(module, "act", None)
+
+        def record(y: torch.Tensor) -> None:
+            if not isinstance(y, torch.Tensor) or y.ndim < 2:
+                return
+            y = _as_ncs(y, channels_last)
+            if name not in self.moments:
+                self.moments[name] = InstanceMoments(y.shape[1], y.device)
+                self.order.append(name)
+                self.nonfinite[name] = 0
+            finite = torch.isfinite(y)
+            self.nonfinite[name] += (~finite).sum()  # a device tensor: no sync per batch
+            self.moments[name].update(torch.where(finite, y, torch.zeros((), dtype=y.dtype, device=y.device)))
+
+        if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+            self._handles.append(act.register_forward_pre_hook(lambda m, args: record(args[0])))
+        else:
+            self._handles.append(module.register_forward_hook(lambda m, args, out: record(out)))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def statistics(self) -> list[LayerStatistics]:
+        """One ``LayerStatistics`` per site that saw data, in execution order."""
+        rows = []
+        for depth, name in enumerate(self.order):
+            mom = self.moments[name]
+            split = mom.power_split()
+            total = (split["A"] + split["B"] + split["W"]).clamp_min(torch.finfo(torch.float64).tiny)
+            rows.append(LayerStatistics(
+                name, depth, self.types[name], mom.channels, int(mom.count), int(mom.positions),
+                float(split["A"]), float(split["B"]), float(split["W"]), float(split["A"] / total),
+                float(split["B"] / total), float(split["W"] / total), float(mom.cv_sigma()),
+                split["mean"].cpu(), split["var"].cpu()))
+        return rows
