@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 
-def _chan_merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, values: torch.Tensor):
+def chan_merge(count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, values: torch.Tensor):
     """Merge a batch of ``values`` (n, C) into (count, mean (C,), m2 (C,)): Chan et al. (1979)."""
     n_b = values.shape[0]
     mean_b = values.mean(dim=0)
@@ -38,16 +38,35 @@ class InstanceMoments:
         self.mean, self.m2, self.var_sum = zeros(), zeros(), zeros()
         self.std_mean, self.std_m2 = zeros(), zeros()
 
-    def update(self, y: torch.Tensor) -> None:
-        """Add a batch y of shape (N, C, S), S ≥ 1 positions per instance and channel."""
-        y = y.detach().to(torch.float64)
+    def update(self, y: torch.Tensor) -> torch.Tensor:
+        """Add a batch y of shape (N, C, S), S ≥ 1 positions per instance and channel.
+
+        Instance moments are taken in y's own precision (at least float32), everything after
+        in float64. For float32, v = ‖y‖²/S − m² from two fast native reductions (4× faster
+        than ``var_mean`` on CPU); its relative error is about 1e-7·(m/σ)², negligible for
+        pre-activations. float64 input uses ``var_mean``. Returns the number of
+        (instance, channel) pairs whose values were not all finite (a device tensor); those
+        pairs enter as mean 0, variance 0.
+        """
+        y = y.detach()
+        if y.dtype not in (torch.float32, torch.float64):
+            y = y.float()
         if self.positions is None:
             self.positions = y.shape[-1]
-        inst_var, inst_mean = torch.var_mean(y, dim=-1, unbiased=False)  # (N, C) each
+        if y.dtype == torch.float64:
+            inst_var, inst_mean = torch.var_mean(y, dim=-1, unbiased=False)  # (N, C) each
+        else:
+            inst_mean = y.mean(dim=-1).double()
+            power = torch.linalg.vector_norm(y, dim=-1).double().square() / y.shape[-1]
+            inst_var = (power - inst_mean.square()).clamp_min(0)
+        finite = torch.isfinite(inst_var) & torch.isfinite(inst_mean)
+        inst_var = torch.where(finite, inst_var, 0).double()
+        inst_mean = torch.where(finite, inst_mean, 0).double()
         count = self.count
-        self.count, self.mean, self.m2 = _chan_merge(count, self.mean, self.m2, inst_mean)
-        _, self.std_mean, self.std_m2 = _chan_merge(count, self.std_mean, self.std_m2, inst_var.sqrt())
+        self.count, self.mean, self.m2 = chan_merge(count, self.mean, self.m2, inst_mean)
+        _, self.std_mean, self.std_m2 = chan_merge(count, self.std_mean, self.std_m2, inst_var.sqrt())
         self.var_sum = self.var_sum + inst_var.sum(dim=0)
+        return (~finite).sum()
 
     def power_split(self) -> dict[str, torch.Tensor]:
         """A, B, W (scalars) with mean(y²) = A + B + W, and the population mean/var per channel.

@@ -1,10 +1,9 @@
 """Recording pre-activation statistics at every normalization site of a model.
 
 ``Recorder(model)`` hooks each norm site found by ``surgery.sites.find_sites`` at its
-*pre-activation*: the norm's output after its affine and before its activation. For a norm
-with a fused activation (timm NormAct, normsurgeon layers with an ``act``, PN-Act) that is the
-input of its ``act`` child; otherwise the module's output. Values are viewed as (N, C, S)
-(channels-last layouts are moved first) and fed to streaming ``InstanceMoments``. Hooks are
+*pre-activation* (``hooks.py``: after the norm's affine, before its activation, viewed as
+(N, C, S)) and feeds streaming ``InstanceMoments``;
+``nonfinite[name]`` counts (instance, channel) pairs that held a NaN or inf. Hooks are
 removed on ``close()`` / leaving the ``with`` block; the model is otherwise untouched.
 
     with Recorder(model) as rec:
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..surgery.sites import find_sites
 from .accumulators import InstanceMoments
+from .hooks import attach_preactivation_hooks
 
 
 @dataclass
@@ -48,12 +48,6 @@ class LayerStatistics:
 
 
 
-def _as_ncs(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    if channels_last:
-        y = y.movedim(-1, 1)
-    return y.reshape(y.shape[0], y.shape[1], -1)
-
-
 class Recorder:
     """Streaming pre-activation statistics at every norm site of ``model`` (module docstring)."""
 
@@ -65,32 +59,16 @@ class Recorder:
         self.order: list[str] = []
         self.types: dict[str, str] = {}
         self.nonfinite: dict[str, int] = {}
-        self._handles = []
-        for site in find_sites(model):
-            if site.match.reader is None or (include is not None and site.name not in include):
-                continue
-            self._attach(site.name, site.module, site.match.reader(site.module).channels_last)
+        self.types = {site.name: type(site.module).__name__ for site in find_sites(model)}
+        self._handles = attach_preactivation_hooks(model, self._record, include)
 
-    def _attach(self, name: str, module: nn.Module, channels_last: bool) -> None:
-        self.types[name] = type(module).__name__
-        act = getattr(module, "act", None)
-
-        def record(y: torch.Tensor) -> None:
-            if not isinstance(y, torch.Tensor) or y.ndim < 2:
-                return
-            y = _as_ncs(y, channels_last)
-            if name not in self.moments:
-                self.moments[name] = InstanceMoments(y.shape[1], y.device)
-                self.order.append(name)
-                self.nonfinite[name] = 0
-            finite = torch.isfinite(y)
-            self.nonfinite[name] += (~finite).sum()  # a device tensor: no sync per batch
-            self.moments[name].update(torch.where(finite, y, torch.zeros((), dtype=y.dtype, device=y.device)))
-
-        if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
-            self._handles.append(act.register_forward_pre_hook(lambda m, args: record(args[0])))
-        else:
-            self._handles.append(module.register_forward_hook(lambda m, args, out: record(out)))
+    def _record(self, name: str, y: torch.Tensor) -> None:
+        if name not in self.moments:
+            self.moments[name] = InstanceMoments(y.shape[1], y.device)
+            self.order.append(name)
+            self.nonfinite[name] = 0
+        # (instance, channel) pairs with a NaN/inf value; a device tensor: no sync per batch
+        self.nonfinite[name] += self.moments[name].update(y)
 
     def close(self) -> None:
         for handle in self._handles:
