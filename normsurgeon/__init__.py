@@ -5,12 +5,14 @@
     print(ns.plan(model, to="pn"))         # what would happen, site by site
     ns.save(new, "gn.pt"); again = ns.load("gn.pt", fresh_model)
     opt = torch.optim.SGD(ns.param_groups(new, weight_decay=1e-4), lr=0.1)
+    report = ns.diagnose(new, images, reference=model)   # what did the swap break? report.save("diag/")
 """
 from .surgery import (ConversionError, ConversionReport, SkipSite, available_targets, convert, plan,
                       register_source, register_target)
+from .diagnostics import DiagnosticsReport, diagnose
 from .surgery.persist import load, save
 from .training import param_groups
 
 __version__ = "0.1.0"
 __all__ = ["convert", "plan", "save", "load", "param_groups", "available_targets", "register_target",
-           "register_source", "ConversionReport", "ConversionError", "SkipSite"]
+           "register_source", "ConversionReport", "ConversionError", "SkipSite", "diagnose", "DiagnosticsReport"]

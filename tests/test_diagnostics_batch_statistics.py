@@ -97,7 +97,8 @@ def test_r_and_d_match_hand_computation():
     assert row["frac_pathological"] == pytest.approx(patho.mean())
     assert 0 < row["frac_pathological"] < 1
     var_mu = np.array(mus).var(axis=0, ddof=1)
-    np.testing.assert_allclose(row["effective_sample_size"], (var_pop[keep] / var_mu).mean(), rtol=1e-6)
+    fpc = (4 - b) / (4 - 1)  # batches are b-subsets of the N = 4 samples
+    np.testing.assert_allclose(row["effective_sample_size"], (var_pop[keep] * fpc / var_mu).mean(), rtol=1e-6)
     assert all(not (isinstance(v, float) and math.isnan(v)) for v in row.values())
 
 

@@ -94,7 +94,7 @@ class _BatchAccumulator:
         self.count, self.mu_mean, self.mu_m2 = chan_merge(self.count, self.mu_mean, self.mu_m2, mu_b[None])
         self.batches += 1
 
-    def result(self, name: str, batch_size: int) -> dict:
+    def result(self, name: str, batch_size: int, samples: int) -> dict:
         k = self.batches
         n_valid = int(self.valid.sum())
         elements = batch_size * self.positions
@@ -111,10 +111,13 @@ class _BatchAccumulator:
         row["r_mean"] = float(self.r.sum() / pairs)
         row["log_r_rms"] = math.sqrt(float(self.sq_log_r.sum() / pairs))
         row["frac_pathological"] = float(self.patho.sum() / pairs)
-        if k < 2:  # the variance of μ_B over batches needs two batches
+        if k < 2 or samples <= batch_size:  # needs two batches that are not the whole data
             ess = math.nan
         else:
-            var_mu = self.mu_m2[self.valid] / (k - 1)
+            # batches are b-subsets of N samples: remove the finite-population factor
+            # (N − b)/(N − 1) so that the ESS is the one of an infinite population
+            fpc = (samples - batch_size) / (samples - 1)
+            var_mu = self.mu_m2[self.valid] / (k - 1) / fpc
             ratio = self.var_pop[self.valid] / var_mu  # inf where every batch had the same mean
             ess = float(ratio.mean())
         row["effective_sample_size"] = ess
@@ -154,9 +157,9 @@ def batch_statistics(model, data: torch.Tensor, batch_sizes: list[int], populati
     ``excluded_channels`` (σ_pop = 0), ``d_abs_mean, d_rms, r_mean, log_r_rms``,
     ``frac_pathological`` (fraction of (batch, channel) pairs with |d| > 5 or r ∉ [1/3, 3]),
     ``effective_sample_size`` (mean over channels of σ²_pop / Var_batches(μ_B), unbiased
-    variance over the batches; NaN with a single batch) and ``ess_ratio`` (ESS / elements).
-    Because batches are random b-subsets of N samples, Var_batches(μ_B) carries the finite-
-    population factor (N − b)/(N − 1): use N ≫ b for an unbiased ESS.
+    variance over the batches, divided by the finite-population factor (N − b)/(N − 1) of
+    drawing b-subsets of N samples; NaN with a single batch or b = N) and ``ess_ratio``
+    (ESS / elements).
     """
     n = _check_data(data)
     if not isinstance(model, nn.Module):
@@ -202,7 +205,7 @@ def batch_statistics(model, data: torch.Tensor, batch_sizes: list[int], populati
                 for idx in _draw_batches(n, b, max_batches, generator):
                     model(data[idx.to(data.device)])
                 for name, acc in current.items():
-                    results[(name, b)] = acc.result(name, b)
+                    results[(name, b)] = acc.result(name, b, n)
     finally:
         for h in handles:
             h.remove()
