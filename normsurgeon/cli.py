@@ -3,6 +3,7 @@
     normsurgeon targets
     normsurgeon plan    [MODEL] --to gn [--include PAT ...] [--exclude PAT ...] [--option num_groups=8] [--json FILE]
     normsurgeon convert [MODEL] --to gn -o gn.pt [same selection and option flags]
+    normsurgeon diagnose [MODEL] [--to gn] [--data DIR] [--batch-sizes 2,8,32] -o diag/
     normsurgeon demo
 
 MODEL is a timm name (``resnet50``), ``torchvision:NAME`` (``torchvision:resnet50``), or
@@ -68,6 +69,29 @@ def _options(pairs) -> dict:
     return out
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """``"2,8,32"`` → ``[2, 8, 32]`` (sorted, unique); each a positive integer."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers (e.g. 2,8,32), got {text!r}")
+    return sorted(set(values))
+
+
 # ----------------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # same as argparse, but says where to look
@@ -124,6 +148,37 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Convert, print the report and save the converted model with "
                                       "normsurgeon.save (state_dict + recipe, no pickled code).")
     conv.add_argument("-o", "--output", required=True, metavar="FILE", help="where to save (e.g. gn.pt)")
+
+    diag = sub.add_parser("diagnose", parents=[model], help="pre-activation diagnostics on images → report",
+                          description="Run normsurgeon.diagnose on a folder of images (or the sample "
+                                      "photos), print the summary and save report.html / report.json. "
+                                      "With --to, the converted model is diagnosed and compared with "
+                                      "the original.")
+    g = diag.add_argument_group("conversion (optional)")
+    g.add_argument("--to", metavar="TARGET",
+                   help="convert first (see 'normsurgeon targets') and compare with the original")
+    g.add_argument("--include", nargs="+", action="extend", metavar="PAT",
+                   help="convert only sites whose qualified name matches a glob")
+    g.add_argument("--exclude", nargs="+", action="extend", metavar="PAT",
+                   help="leave sites whose qualified name matches a glob")
+    g.add_argument("--option", type=parse_option, action="append", metavar="KEY=VALUE",
+                   help="target option, repeatable (as for 'convert')")
+    g = diag.add_argument_group("data")
+    g.add_argument("--data", metavar="DIR",
+                   help="folder of images (.jpg/.png/..., subfolders too); default: the sample "
+                        "photos of skimage.data")
+    g.add_argument("--size", type=_positive_int, metavar="PX",
+                   help="input size in pixels (default: the model's, else 224)")
+    g.add_argument("--limit", type=_positive_int, metavar="N", help="use at most N images")
+    g = diag.add_argument_group("diagnostics")
+    g.add_argument("--batch-sizes", type=_batch_sizes, metavar="B1,B2,...",
+                   help="batch sizes of the batch-statistics sweep, e.g. 2,8,32 (default: no sweep)")
+    g.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+                   help="chunk size of the eval-mode recording (default 16)")
+    g.add_argument("--max-batches", type=_positive_int, default=64, metavar="N",
+                   help="batches drawn per sweep batch size (default 64)")
+    diag.add_argument("-o", "--output", required=True, metavar="DIR",
+                      help="folder for report.html, report.json and the figures (created if needed)")
 
     demo = sub.add_parser("demo", help="EfficientNet-Lite0 with real weights → GroupNorm, on photos",
                           description="Convert the embedded EfficientNet-Lite0 (real ImageNet weights) "
@@ -330,6 +385,160 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Progress:
+    """A tqdm bar on stderr when tqdm is installed and stderr is a terminal, else a few plain lines."""
+
+    def __init__(self, desc: str, total: int | None = None, unit: str = "it"):
+        self.desc, self.total, self.unit, self.n, self._bar, self._shown = desc, total, unit, 0, None, -1
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None and getattr(sys.stderr, "isatty", lambda: False)():
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
+                             dynamic_ncols=True)
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self._bar is not None:
+            self._bar.update(k)
+        elif self.total:
+            tenth = 10 * self.n // self.total
+            if tenth > self._shown and self.n < self.total:  # close() prints the last line
+                self._shown = tenth
+                print(f"{self.desc}: {self.n}/{self.total} {self.unit}", file=sys.stderr, flush=True)
+        elif self.n == 1 or self.n % 50 == 0:
+            print(f"{self.desc}: {self.n} {self.unit}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        print(f"{self.desc}: {self.n}{'/' + str(self.total) if self.total else ''} {self.unit}, done",
+              file=sys.stderr, flush=True)
+
+
+def _data_config(model) -> dict:
+    """The model's preprocessing (timm's resolve_data_config), else ImageNet defaults."""
+    from .data import IMAGENET_MEAN, IMAGENET_STD
+
+    cfg = {"input_size": (3, 224, 224), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+           "interpolation": "bicubic"}
+    try:
+        from timm.data import resolve_data_config
+
+        cfg.update({k: v for k, v in resolve_data_config(model=model).items() if k in cfg})
+    except Exception:  # noqa: BLE001 - no timm, or a model timm cannot describe: keep the defaults
+        pass
+    if cfg["interpolation"] not in ("bicubic", "bilinear", "nearest"):
+        cfg["interpolation"] = "bicubic"
+    return cfg
+
+
+def cmd_diagnose(args) -> int:
+    import normsurgeon as ns
+
+    from . import zoo
+    from .data import load_image_folder
+
+    options = _options(args.option)
+    if args.to is not None:
+        from .surgery import get_target
+
+        get_target(args.to).check_options(options)
+    elif options or args.include or args.exclude:
+        raise ValueError("--option/--include/--exclude need --to TARGET")
+    out_dir = os.path.abspath(args.output)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"output path exists and is not a folder: {args.output}")
+    n_files = 0
+    if args.data is not None:  # fail on a bad folder before building the model
+        from .data import find_images
+
+        n_files = len(find_images(args.data))
+        if args.limit is not None:
+            n_files = min(n_files, args.limit)
+        _check_enough(n_files, f"{n_files} images in {args.data}", args.batch_sizes)
+
+    start = time.perf_counter()
+    model = _create(args)
+    cfg = _data_config(model)
+    size = args.size or int(cfg["input_size"][-1])
+    mean, std = tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+    if args.data is not None:
+        bar = _Progress("loading images", total=n_files, unit="img")
+        try:
+            x, names = load_image_folder(args.data, size=size, mean=mean, std=std, limit=args.limit,
+                                         interpolation=cfg["interpolation"],
+                                         progress=lambda done, total: bar.update())
+        finally:
+            bar.close()
+        source = f"{len(names)} images from {args.data}"
+    else:
+        print("loading the sample photos of skimage.data ...", file=sys.stderr, flush=True)
+        x, names = zoo.sample_images(size, mean=mean, std=std)
+        if args.limit is not None:
+            x, names = x[:args.limit], names[:args.limit]
+        source = f"{len(names)} sample photos (skimage.data)"
+    _check_enough(len(names), source, args.batch_sizes)
+
+    reference = None
+    if args.to is not None:
+        reference = model
+        model = ns.convert(model, args.to, include=args.include, exclude=args.exclude, **options)
+    _out(f"model: {_model_label(args.model)}" + (f", converted to {args.to!r} (compared with the original)"
+                                                  if reference is not None else ""))
+    _out(f"data: {source}, {size} px, mean={_fmt(mean)}, std={_fmt(std)}")
+
+    bar = _Progress("diagnose: forward passes", unit="batch")
+    hooks = [m.register_forward_hook(lambda *_: bar.update()) for m in (model, reference) if m is not None]
+    try:
+        report = ns.diagnose(model, x, batch_sizes=args.batch_sizes, reference=reference,
+                             batch_size=args.batch_size, max_batches=args.max_batches)
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+    _out("")
+    _out(report.summary())
+    before = _listing(out_dir)
+    html_path = report.save(out_dir)
+    after = _listing(out_dir)
+    written = {n for n, stamp in after.items() if before.get(n) != stamp and n.endswith(".png")}
+    written |= {html_path.name, "report.json"}
+    _out("")
+    _out(f"written to {args.output} in {time.perf_counter() - start:.1f} s:")
+    for name in sorted(written, key=lambda n: (n != "report.html", n != "report.json", n)):
+        _out(f"    {os.path.join(args.output, name)}")
+    return 0
+
+
+def _check_enough(n: int, what: str, batch_sizes) -> None:
+    """Every sweep batch size needs at least that many images."""
+    big = [b for b in batch_sizes or [] if b > n]
+    if not big:
+        return
+    given = ",".join(map(str, batch_sizes))
+    if big[0] == batch_sizes[0]:
+        raise ValueError(f"{what}: fewer than the smallest batch size {big[0]} (--batch-sizes {given})")
+    raise ValueError(f"{what}: fewer than the batch sizes {', '.join(map(str, big))} (--batch-sizes {given}); "
+                     f"every batch size needs at least that many images")
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
+def _listing(folder: str) -> dict[str, tuple[int, int]]:
+    if not os.path.isdir(folder):
+        return {}
+    out = {}
+    for entry in os.scandir(folder):
+        if entry.is_file():
+            st = entry.stat()
+            out[entry.name] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
 def _label(index: int) -> str:
     from .zoo import imagenet_label
 
@@ -356,7 +565,8 @@ def _short_table(report, keep: int) -> str:
         "more sites\n", f"more sites (the full table: normsurgeon plan --to {report.target})\n", 1)
 
 
-COMMANDS = {"targets": cmd_targets, "plan": cmd_plan, "convert": cmd_convert, "demo": cmd_demo}
+COMMANDS = {"targets": cmd_targets, "plan": cmd_plan, "convert": cmd_convert, "diagnose": cmd_diagnose,
+            "demo": cmd_demo}
 
 
 # ----------------------------------------------------------------------------- entry point

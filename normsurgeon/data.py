@@ -1,0 +1,100 @@
+"""Load a folder of images as a normalized batch (for ``normsurgeon diagnose --data DIR``).
+
+    x, paths = load_image_folder("photos/", size=224, mean=cfg["mean"], std=cfg["std"])
+
+Every image file under the folder (recursively, so ImageNet-style class folders work) is
+read with PIL, converted to RGB and preprocessed like timm's eval transform: bicubic resize
+of the shorter side to ``floor(size / crop_pct)``, center crop ``size x size``, scale to
+[0, 1], normalize with ``mean``/``std``. Pass the model's normalization (e.g. from
+``timm.data.resolve_data_config(model=model)``); the default is ImageNet's.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "find_images", "load_image_folder"]
+
+#: File extensions (lower case) taken as images; matched case-insensitively.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def find_images(path) -> list[Path]:
+    """Image files under ``path`` (recursive), sorted by their path relative to ``path``.
+
+    Raises FileNotFoundError (missing), NotADirectoryError (a file), ValueError (no images).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"data path is not a folder: {root}")
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        what = "is empty" if not any(root.iterdir()) else "contains no image files"
+        raise ValueError(f"no images found in {root} ({what}; looked for "
+                         f"{', '.join(IMAGE_EXTENSIONS)}, case-insensitive, in subfolders too)")
+    return files
+
+
+def _transform(size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float, interpolation: str):
+    from torchvision import transforms as T
+
+    modes = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+             "nearest": T.InterpolationMode.NEAREST}
+    if interpolation not in modes:
+        raise ValueError(f"interpolation must be one of {', '.join(modes)}, got {interpolation!r}")
+    return T.Compose([
+        T.Resize(math.floor(size / crop_pct), interpolation=modes[interpolation]),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std]),
+    ])
+
+
+def load_image_folder(path, size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
+                      std: Sequence[float] = IMAGENET_STD, limit: int | None = None, *,
+                      crop_pct: float = 0.875, interpolation: str = "bicubic",
+                      progress=None) -> tuple[torch.Tensor, list[str]]:
+    """All images under ``path`` as a float32 ``(N, 3, size, size)`` batch and their relative paths.
+
+    ``limit``: keep only the first ``limit`` images (in sorted path order). ``progress``: an
+    optional callable ``progress(done, total)`` called after each image.
+    Raises FileNotFoundError / NotADirectoryError for a bad path, ValueError for a folder
+    without images, bad arguments, or a file that cannot be decoded (named in the message).
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer, got {limit!r}")
+    if len(mean) != 3 or len(std) != 3 or any(float(s) <= 0 for s in std):
+        raise ValueError(f"mean and std need 3 values (RGB), std positive; got mean={mean!r}, std={std!r}")
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}")
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    files = find_images(root)
+    if limit is not None:
+        files = files[:limit]
+    transform = _transform(size, mean, std, crop_pct, interpolation)
+    tensors, names = [], []
+    for i, file in enumerate(files):
+        rel = file.relative_to(root).as_posix()
+        try:
+            with Image.open(file) as img:
+                img = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            raise ValueError(f"cannot decode image {os.fspath(file)}: {err}") from err
+        tensors.append(transform(img))
+        names.append(rel)
+        if progress is not None:
+            progress(i + 1, len(files))
+    return torch.stack(tensors).to(torch.float32), names
