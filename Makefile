@@ -27,3 +27,4 @@ test-slow: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_convert.py
 	$(PY) benchmarks/bench_layers.py
+	$(PY) benchmarks/bench_diagnostics.py
