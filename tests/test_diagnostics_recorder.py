@@ -130,3 +130,20 @@ def test_resnet_records_every_site_once_per_call():
         model(torch.randn(3, 3, 32, 32))
     rows = rec.statistics()
     assert len(rows) == 20 and all(r.instances == 5 for r in rows)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.SiLU()])
+def test_proxy_norm_preactivation_is_gamma_y_plus_beta_on_both_paths(act):
+    from normsurgeon.layers import ProxyNormAct
+    layer = ProxyNormAct(6, 2, act)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5), layer.bias.normal_(), layer.proxy_weight.normal_(0, 0.3)
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), layer)
+    x = torch.randn(4, 3, 5, 5)
+    with torch.no_grad(), Recorder(model) as rec:
+        model(x)
+        y = nn.functional.group_norm(model[0](x), 2, None, None, layer.eps)
+        z = (y * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)).double()
+    (row,) = rec.statistics()
+    np.testing.assert_allclose(row.mean.numpy(), z.mean(dim=(0, 2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(row.var.numpy(), z.var(dim=(0, 2, 3), unbiased=False).numpy(), rtol=1e-4)

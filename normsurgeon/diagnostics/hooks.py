@@ -3,7 +3,9 @@
 The pre-activation is the norm's output after its affine and before its activation: the input
 of the module's non-Identity ``act`` child when it has one (timm NormAct layers, normsurgeon
 layers with a fused activation, PN-Act), else the module's output. It is handed over viewed as
-(N, C, S): channels-last layouts (a transformer's LayerNorm) are moved to channels-first.
+(N, C, S): channels-last layouts (a transformer's LayerNorm) are moved to channels-first. A
+module with a ``preactivation(x)`` method (PN-Act, whose φ also runs on the proxy grid and may
+get a rescaled input) is asked for the value instead.
 """
 from __future__ import annotations
 
@@ -39,7 +41,10 @@ def attach_preactivation_hooks(model: nn.Module, callback: Callable[[str, torch.
                 callback(name, as_ncs(y, channels_last))
 
         act = getattr(site.module, "act", None)
-        if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+        if hasattr(site.module, "preactivation"):  # the module computes it on request (PN-Act)
+            handles.append(site.module.register_forward_hook(
+                lambda m, args, out, record=record: record(m.preactivation(args[0]))))
+        elif isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
             handles.append(act.register_forward_pre_hook(lambda m, args, record=record: record(args[0])))
         else:
             handles.append(site.module.register_forward_hook(lambda m, args, out, record=record: record(out)))

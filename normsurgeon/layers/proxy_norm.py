@@ -82,6 +82,14 @@ class ProxyNormAct(FusedActLayout, nn.Module):
         var = (z - mean[:, None]).square().mean(dim=1)
         return mean, torch.rsqrt(var + self.proxy_eps)
 
+    def preactivation(self, x: torch.Tensor) -> torch.Tensor:
+        """γ·y + β for input ``x`` (same layout): the value φ is applied to, for observers
+        (``diagnostics``). The forward may feed φ a rescaled copy (fast path) and also runs φ on
+        the proxy grid, so hooking ``act`` would see neither the right values nor only data."""
+        cf = x.movedim(-1, 1) if self.channels_last else x
+        z = F.group_norm(cf, self.num_groups, self.weight, self.bias, self.eps)
+        return z.movedim(1, -1) if self.channels_last else z
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 2:
             raise ValueError(f"{self._where()} expects (N, C, *) or (N, *, C), got {tuple(x.shape)}")
