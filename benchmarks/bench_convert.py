@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normsurgeon  # noqa: E402
-from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
+from machine import add_threads_argument, apply_threads, cpu_model  # noqa: E402  (benchmarks/machine.py)
 # importlib, not `from normsurgeon.surgery import convert`: the package re-exports the
 # function `convert` under the submodule's name.
 convert_mod = importlib.import_module("normsurgeon.surgery.convert")
@@ -156,13 +156,9 @@ def main(argv=None) -> int:
                         "(default: gn,bn,pn)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per (model, target), >= 1")
     p.add_argument("--no-plan", action="store_true", help="skip timing normsurgeon.plan")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(N) first (default: leave torch's default)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    apply_threads(p, args)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
     models = [m for m in args.models.split(",") if m]

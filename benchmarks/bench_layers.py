@@ -44,7 +44,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normsurgeon  # noqa: E402
-from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
+from machine import add_threads_argument, apply_threads, cpu_model  # noqa: E402  (benchmarks/machine.py)
 from normsurgeon.surgery.registry import SiteInfo, get_target  # noqa: E402
 from normsurgeon.surgery.sources import match_source  # noqa: E402
 
@@ -173,13 +173,9 @@ def main(argv=None) -> int:
                    help="skip the section with layers built for channels-last *layout* (N, H, W, C)")
     p.add_argument("--no-model-step", dest="model_step", action="store_false",
                    help="skip the ResNet-50 train-step comparison at the end")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(N) first (default: leave torch's default)")
+    add_threads_argument(p)
     args = p.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            p.error("--threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    apply_threads(p, args)
     shape = tuple(int(s) for s in args.shape.split(","))
     if len(shape) != 4:
         p.error("--shape takes N,C,H,W")

@@ -14,3 +14,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def add_threads_argument(parser) -> None:
+    """--threads N: torch.set_num_threads(N) before measuring (apply with ``apply_threads``)."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads(N) first (default: leave torch's default)")
+
+
+def apply_threads(parser, args) -> None:
+    import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)

@@ -99,6 +99,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")
 
 
+def _add_site_selection(group) -> None:
+    """--include / --exclude / --option, shared by plan, convert and diagnose."""
+    group.add_argument("--include", nargs="+", action="extend", metavar="PAT",
+                       help="convert only sites whose qualified name matches a glob (e.g. 'layer4.*')")
+    group.add_argument("--exclude", nargs="+", action="extend", metavar="PAT",
+                       help="leave sites whose qualified name matches a glob")
+    group.add_argument("--option", type=parse_option, action="append", metavar="KEY=VALUE",
+                       help="target option, repeatable: --option num_groups=8 --option eps=1e-5 "
+                            "(values: int, float, true/false, none, else string)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="normsurgeon",
                      description="Swap the normalization layers of pretrained timm/torchvision models.",
@@ -129,13 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sel.add_argument_group("conversion")
     g.add_argument("--to", required=True, metavar="TARGET",
                    help="target name (see 'normsurgeon targets'): bn, frozen_bn, gn, ln, in, pn, ...")
-    g.add_argument("--include", nargs="+", action="extend", metavar="PAT",
-                   help="convert only sites whose qualified name matches a glob (e.g. 'layer4.*')")
-    g.add_argument("--exclude", nargs="+", action="extend", metavar="PAT",
-                   help="leave sites whose qualified name matches a glob")
-    g.add_argument("--option", type=parse_option, action="append", metavar="KEY=VALUE",
-                   help="target option, repeatable: --option num_groups=8 --option eps=1e-5 "
-                        "(values: int, float, true/false, none, else string)")
+    _add_site_selection(g)
     g.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="input size of the shape probe (default: the model's config, else 3 224 224)")
     g.add_argument("--json", metavar="FILE",
@@ -157,12 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = diag.add_argument_group("conversion (optional)")
     g.add_argument("--to", metavar="TARGET",
                    help="convert first (see 'normsurgeon targets') and compare with the original")
-    g.add_argument("--include", nargs="+", action="extend", metavar="PAT",
-                   help="convert only sites whose qualified name matches a glob")
-    g.add_argument("--exclude", nargs="+", action="extend", metavar="PAT",
-                   help="leave sites whose qualified name matches a glob")
-    g.add_argument("--option", type=parse_option, action="append", metavar="KEY=VALUE",
-                   help="target option, repeatable (as for 'convert')")
+    _add_site_selection(g)
     g = diag.add_argument_group("data")
     g.add_argument("--data", metavar="DIR",
                    help="folder of images (.jpg/.png/..., subfolders too); default: the sample "
