@@ -11,8 +11,8 @@ from .surgery import (ConversionError, ConversionReport, SkipSite, available_tar
                       register_source, register_target)
 from .diagnostics import DiagnosticsReport, diagnose
 from .surgery.persist import load, save
-from .training import param_groups
+from .training import after_step, needs_step_hooks, param_groups
 
 __version__ = "0.1.0"
-__all__ = ["convert", "plan", "save", "load", "param_groups", "available_targets", "register_target",
+__all__ = ["convert", "plan", "save", "load", "param_groups", "after_step", "needs_step_hooks", "available_targets", "register_target",
            "register_source", "ConversionReport", "ConversionError", "SkipSite", "diagnose", "DiagnosticsReport"]
