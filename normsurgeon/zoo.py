@@ -49,6 +49,7 @@ inputs scaled as ``(x - 127) / 128``, i.e. about mean=std=0.5 on [0, 1] pixels
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict
 from typing import Iterable, Mapping, Sequence
@@ -62,6 +63,7 @@ __all__ = [
     "LITE0_STD",
     "SAMPLE_IMAGE_NAMES",
     "GRAYSCALE_IMAGE_NAMES",
+    "SKLEARN_IMAGE_NAMES",
     "efficientnet_lite0",
     "efficientnet_lite0_weights_path",
     "convert_lukemelas_state_dict",
@@ -236,15 +238,24 @@ SAMPLE_IMAGE_NAMES: tuple[str, ...] = (
 )
 #: Grayscale photos of ``skimage.data``; not in the default set, replicated to 3
 #: channels when asked for by name.
-GRAYSCALE_IMAGE_NAMES: tuple[str, ...] = ("camera", "coins", "moon", "clock", "page")
+GRAYSCALE_IMAGE_NAMES: tuple[str, ...] = ("camera", "coins", "moon", "clock", "page", "grass", "gravel", "brick")
+#: The two photos scikit-learn ships (``sklearn.datasets.load_sample_images``), by file stem.
+SKLEARN_IMAGE_NAMES: tuple[str, ...] = ("china", "flower")
 
 
+@functools.lru_cache(maxsize=32)
 def _load_skimage_photo(name: str):
-    """``(H, W, 3)`` uint8 RGB array of a ``skimage.data`` photo."""
+    """``(H, W, 3)`` uint8 RGB array of a ``skimage.data`` (or scikit-learn sample) photo."""
     import numpy as np
     from skimage import data
 
-    if name in ("motorcycle_left", "motorcycle_right"):
+    if name in SKLEARN_IMAGE_NAMES:
+        from sklearn.datasets import load_sample_images
+
+        images = load_sample_images()
+        stems = [f.replace("\\", "/").rsplit("/", 1)[-1].split(".")[0] for f in images.filenames]
+        img = images.images[stems.index(name)]
+    elif name in ("motorcycle_left", "motorcycle_right"):
         left, right, _disparity = data.stereo_motorcycle()
         img = left if name == "motorcycle_left" else right
     elif name in SAMPLE_IMAGE_NAMES or name in GRAYSCALE_IMAGE_NAMES:
@@ -252,7 +263,7 @@ def _load_skimage_photo(name: str):
     else:
         raise ValueError(
             f"unknown sample image {name!r}; choose from "
-            f"{SAMPLE_IMAGE_NAMES + GRAYSCALE_IMAGE_NAMES}"
+            f"{SAMPLE_IMAGE_NAMES + GRAYSCALE_IMAGE_NAMES + SKLEARN_IMAGE_NAMES}"
         )
     img = np.asarray(img)
     if img.ndim == 2:

@@ -1,0 +1,182 @@
+"""Calibration: refit each new norm's affine so the converted model computes like the original.
+
+At every norm site the pre-activation z (the norm's output after its affine, before its
+activation) is affine in the layer's own (γ, β): z = γ·ŷ + β, with ŷ independent of them
+(for IEBN, γ is gated per sample, z = γ·g(x)·ŷ + β, still linear in (γ, β) jointly). So a
+per-channel map t ≈ a·z + b is absorbed exactly by γ' = a·γ, β' = a·β + b.
+
+For each batch, the original runs once and its pre-activations t (N, C, S) are kept; then the
+converted model runs once with a hook at every site, in execution order: the hook fits (a, b)
+per channel by least squares on everything seen so far, writes γ', β' into the layer and
+re-runs that layer, so every later layer is fitted on the already calibrated upstream. The fit
+is over all batches: the hook accumulates Σz₀, Σz₀², Σz₀·t, Σt per channel, where
+z₀ = (z − B)/A is the pre-activation under the initial (γ₀, β₀) and (A, B) the current map,
+and solves min Σ(t − A·z₀ − B)². Cost: one forward of each model per batch, no backward.
+Both models run in eval mode (batch-statistics targets use their running statistics).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..diagnostics.hooks import as_ncs, attach_preactivation_hooks
+from ..surgery.sites import find_sites
+from .batches import device_of, input_batches, restore_training_flags, training_flags
+
+
+@dataclass
+class _SiteFit:
+    """Running least-squares fit of t ≈ A·z₀ + B for one site, per channel (float64)."""
+
+    module: nn.Module
+    channels_last: bool
+    gamma0: torch.Tensor
+    beta0: torch.Tensor
+    scale: torch.Tensor  # A
+    shift: torch.Tensor  # B
+    sums: torch.Tensor = field(default=None)  # (6, C): n, Σz₀, Σz₀², Σz₀t, Σt, Σt²
+    mse_before: float | None = None
+    mse_after: float | None = None
+
+    @classmethod
+    def of(cls, module: nn.Module, channels_last: bool) -> "_SiteFit":
+        w = module.weight.detach().to(torch.float64).clone()
+        b = module.bias.detach().to(torch.float64).clone()
+        c = w.numel()
+        return cls(module, channels_last, w, b, torch.ones(c, dtype=torch.float64),
+                   torch.zeros(c, dtype=torch.float64), torch.zeros(6, c, dtype=torch.float64))
+
+    def add(self, z: torch.Tensor, t: torch.Tensor) -> None:
+        """z, t: (N, C, S) current pre-activation and the original's."""
+        z, t = z.to(torch.float64), t.to(torch.float64)
+        z0 = (z - self.shift[:, None]) / self.scale[:, None]  # A ≠ 0: fits keep |A| ≥ 1e-3
+        self.sums += torch.stack([torch.full_like(z0[0, :, 0], z0.shape[0] * z0.shape[2]),
+                                  z0.sum((0, 2)), (z0 * z0).sum((0, 2)), (z0 * t).sum((0, 2)),
+                                  t.sum((0, 2)), (t * t).sum((0, 2))])
+        if self.mse_before is None:
+            self.mse_before = float(((z - t) ** 2).mean())
+
+    def solve(self, method: str) -> None:
+        n, sz, szz, szt, st, stt = self.sums
+        mz, mt = sz / n, st / n
+        var = szz / n - mz * mz
+        cov = szt / n - mz * mt
+        flat = var <= 1e-10 * (1 + mz * mz)  # a constant channel: any A fits, keep the scale
+        if method == "moments":
+            var_t = (stt / n - mt * mt).clamp_min(0)
+            a = torch.where(cov < 0, -1.0, 1.0) * (var_t / var.clamp_min(1e-30)).sqrt()
+        else:
+            a = cov / var.clamp_min(1e-30)
+        a = torch.where(flat, self.scale, a)
+        a = torch.where(a.abs() < 1e-3, torch.where(a < 0, -1e-3, 1e-3), a)  # keep the map invertible
+        self.scale, self.shift = a, mt - a * mz
+        with torch.no_grad():
+            self.module.weight.copy_(self.scale * self.gamma0)
+            self.module.bias.copy_(self.scale * self.beta0 + self.shift)
+
+    def residual(self) -> float:
+        """Mean squared error of the current fit over everything seen."""
+        n, sz, szz, szt, st, stt = self.sums
+        a, b = self.scale, self.shift
+        sse = stt - 2 * a * szt - 2 * b * st + a * a * szz + 2 * a * b * sz + b * b * n
+        return float(sse.sum() / n.sum())
+
+
+def _preactivation_hooks(fits: dict[str, _SiteFit], targets: dict[str, torch.Tensor], method: str) -> list:
+    """Hooks that fit each site on arrival and return the re-run (calibrated) output."""
+    handles, seen = [], {}
+    for name, fit in fits.items():
+        module = fit.module
+        act = getattr(module, "act", None)
+        if not hasattr(module, "preactivation") and isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+            def capture(m, args, name=name):
+                seen[name] = args[0].clone()  # the activation may run in place
+            handles.append(act.register_forward_pre_hook(capture))
+
+        def refit(m, args, out, name=name, fit=fit):
+            if getattr(m, "_normsurgeon_refitting", False) or name not in targets:
+                return None
+            if hasattr(m, "preactivation"):
+                z = m.preactivation(args[0])
+            else:
+                z = seen.pop(name, out)
+            fit.add(as_ncs(z, fit.channels_last), targets.pop(name))
+            fit.solve(method)
+            m._normsurgeon_refitting = True
+            try:
+                return m(*args)
+            finally:
+                m._normsurgeon_refitting = False
+        handles.append(module.register_forward_hook(refit))
+    return handles
+
+
+def calibrate(converted: nn.Module, original: nn.Module, data, *, num_batches: int | None = None,
+              method: str = "moments", inplace: bool = False) -> nn.Module:
+    """Refit the affine of every norm site of ``converted`` to the original's pre-activations.
+
+    ``data``: a tensor (one batch) or an iterable of batches (tensors or (x, y) pairs),
+    unlabeled; ``num_batches`` caps how many are read. Returns the calibrated model (a copy
+    unless ``inplace=True``; ``original`` is never modified) with
+    ``model.normsurgeon_calibration``: one dict per site (site, mse_before on the first batch,
+    mse_after over all batches, scale and shift statistics) plus skipped sites with a reason.
+    """
+    if not isinstance(converted, nn.Module) or not isinstance(original, nn.Module):
+        raise TypeError("calibrate(converted, original, data): both models must be nn.Modules")
+    if converted is original:
+        raise ValueError("calibrate needs two different models: the converted one and the original")
+    model = converted if inplace else copy.deepcopy(converted)
+    original_sites = {s.name: s for s in find_sites(original) if s.match.reader is not None}
+    fits, rows = {}, []
+    for site in find_sites(model):
+        if site.match.reader is None:
+            continue
+        module, ref = site.module, original_sites.get(site.name)
+        reason = None
+        if ref is None:
+            reason = "no norm at this name in the original"
+        elif not isinstance(getattr(module, "weight", None), nn.Parameter) or \
+                not isinstance(getattr(module, "bias", None), nn.Parameter):
+            reason = "the layer has no affine (weight and bias) to fit"
+        elif module.weight.ndim != 1:
+            reason = f"the affine is not per channel (weight shape {tuple(module.weight.shape)})"
+        if reason:
+            rows.append({"site": site.name, "skipped": reason})
+            continue
+        fits[site.name] = _SiteFit.of(module, site.match.reader(module).channels_last)
+    if not fits:
+        raise ValueError("calibrate: no norm site of the converted model has an affine to fit "
+                         "and a counterpart in the original")
+    original_flags, model_flags = training_flags(original), training_flags(model)
+    original.eval()
+    model.eval()
+    device = device_of(model)
+    targets: dict[str, torch.Tensor] = {}
+    record = attach_preactivation_hooks(original, lambda name, t: targets.__setitem__(name, t.clone()),
+                                        include=list(fits))  # clone: the activation may run in place
+    refit = _preactivation_hooks(fits, targets, method)
+    try:
+        with torch.no_grad():
+            for x in input_batches(data, num_batches, "calibrate"):
+                targets.clear()
+                original(x.to(device_of(original)))
+                model(x.to(device))
+                missing = [n for n in fits if n in targets]
+                if missing:
+                    raise RuntimeError(f"calibrate: site {missing[0]!r} ran in the original but not in the "
+                                       f"converted model; the models do not correspond")
+    finally:
+        for h in record + refit:
+            h.remove()
+        restore_training_flags(original_flags)
+        restore_training_flags(model_flags)
+    for name, fit in fits.items():
+        rows.append({"site": name, "mse_before": fit.mse_before, "mse_after": fit.residual()
+                     if fit.mse_before is not None else None,
+                     "scale_min": float(fit.scale.min()), "scale_max": float(fit.scale.max()),
+                     "shift_abs_max": float(fit.shift.abs().max())})
+    model.normsurgeon_calibration = rows
+    return model
