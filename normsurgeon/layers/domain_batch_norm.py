@@ -75,7 +75,7 @@ def resolve_route(names: Sequence[str], d, where: str = "the model") -> int | to
             bad = low if low < 0 else high
             raise ValueError(f"per-sample domain index {bad} is out of range for {where}, which has {k} "
                              f"domain(s) ({listing})")
-        return d.long()
+        return low if low == high else d.long()  # a domain-pure batch takes the one-domain path
     raise TypeError(f"a domain is a name (str), an index (int) or a per-sample index tensor of shape (N,); "
                     f"got {type(d).__name__}")
 
