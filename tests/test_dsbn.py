@@ -309,7 +309,7 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="integer indices"):
         with ns.domain(model, torch.tensor([0.0, 1.0])):
             pass
-    with pytest.raises(ValueError, match=r"per-sample domain tensor has shape \(3,\).*2 samples"):
+    with pytest.raises(ValueError, match=r"per-sample domain tensor has shape \(3,\).*2 rows on the batch axis"):
         with ns.domain(model, torch.tensor([0, 1, 2])):
             model(x)
     assert all(m.route is None for _, m in domain_layers(model)), "a failed route left state behind"

@@ -142,8 +142,10 @@ class DomainSpecificBatchNorm(FusedActLayout, nn.Module):
         if isinstance(route, int):
             return self._one_domain(x, route)
         if route.shape != (x.shape[0],):
+            folded = " (the model folds positions or patches into the batch axis here: route domain-pure " \
+                     "batches for this model)" if route.ndim == 1 and x.shape[0] % route.shape[0] == 0 else ""
             raise ValueError(f"{self._where()}: the per-sample domain tensor has shape {tuple(route.shape)} "
-                             f"but the batch has {x.shape[0]} samples")
+                             f"but this layer's input has {x.shape[0]} rows on the batch axis{folded}")
         route = route.to(x.device)
         if self.training:
             return self._mixed_train(x, route)
