@@ -6,13 +6,17 @@
     ns.save(new, "gn.pt"); again = ns.load("gn.pt", fresh_model)
     opt = torch.optim.SGD(ns.param_groups(new, weight_decay=1e-4), lr=0.1)
     report = ns.diagnose(new, images, reference=model)   # what did the swap break? report.save("diag/")
+    dg = ns.convert(model, to="dsbn", domains=["photo", "art"])   # one BN statistics set per domain
+    with ns.domain(dg, "photo"): out = dg(x)            # route a batch; ns.BNEnsemble(dg) for unseen domains
 """
 from .surgery import (ConversionError, ConversionReport, SkipSite, available_targets, convert, plan,
                       register_source, register_target)
 from .diagnostics import DiagnosticsReport, diagnose
+from .domains import BNEnsemble, domain, set_domain
 from .surgery.persist import load, save
 from .training import after_step, needs_step_hooks, param_groups
 
 __version__ = "0.1.0"
 __all__ = ["convert", "plan", "save", "load", "param_groups", "after_step", "needs_step_hooks", "available_targets", "register_target",
-           "register_source", "ConversionReport", "ConversionError", "SkipSite", "diagnose", "DiagnosticsReport"]
+           "register_source", "ConversionReport", "ConversionError", "SkipSite", "diagnose", "DiagnosticsReport",
+           "domain", "set_domain", "BNEnsemble"]

@@ -7,17 +7,22 @@ read with PIL, converted to RGB and preprocessed like timm's eval transform: bic
 of the shorter side to ``floor(size / crop_pct)``, center crop ``size x size``, scale to
 [0, 1], normalize with ``mean``/``std``. Pass the model's normalization (e.g. from
 ``timm.data.resolve_data_config(model=model)``); the default is ImageNet's.
+
+``load_domain_folder("PACS/")`` reads the domain-generalization layout ``root/domain/class/image``
+into images, class labels and domain labels (for ``convert(model, to="dsbn", domains=...)``).
 """
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "find_images", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "find_images", "load_image_folder",
+           "DomainFolder", "load_domain_folder"]
 
 #: File extensions (lower case) taken as images; matched case-insensitively.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -98,3 +103,56 @@ def load_image_folder(path, size: int = 224, mean: Sequence[float] = IMAGENET_ME
         if progress is not None:
             progress(i + 1, len(files))
     return torch.stack(tensors).to(torch.float32), names
+
+
+@dataclass
+class DomainFolder:
+    """Images of a ``root/domain/class/image`` tree: ``images`` (N, 3, size, size) float32,
+    ``labels`` and ``domains`` (N,) long indices into ``classes`` and ``domain_names``
+    (both sorted), ``paths`` relative to root."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    domains: torch.Tensor
+    classes: list[str]
+    domain_names: list[str]
+    paths: list[str]
+
+
+def load_domain_folder(path, size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
+                       std: Sequence[float] = IMAGENET_STD, limit: int | None = None, **kwargs) -> DomainFolder:
+    """A domain-generalization tree ``root/domain/class/image`` (the PACS and Office-31 layout).
+
+    Every subfolder of ``path`` is a domain, every subfolder of a domain a class; classes are
+    the sorted union over domains (a class may be missing from some domain). ``limit`` caps the
+    images per domain; other keyword arguments and the preprocessing are ``load_image_folder``'s.
+    Raises ValueError for an image that is not inside a class folder or a domain with no images.
+    """
+    root = Path(path)
+    find_images(root)  # the same errors as load_image_folder for a missing/empty root
+    domain_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    stray = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if stray or not domain_dirs:
+        raise ValueError(f"{root} is not a root/domain/class/image tree: images directly under the root "
+                         f"({', '.join(stray[:3]) or 'no domain folders'}); put each domain's class "
+                         f"folders in a folder named after the domain")
+    per_domain = []
+    for folder in domain_dirs:
+        try:
+            images, names = load_image_folder(folder, size, mean, std, limit, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"domain {folder.name!r}: {err}") from err
+        outside = [n for n in names if "/" not in n]
+        if outside:
+            raise ValueError(f"domain {folder.name!r} has images outside class folders ({', '.join(outside[:3])}); "
+                             f"expected {root}/{folder.name}/<class>/<image>")
+        per_domain.append((folder.name, images, [n.split("/", 1)[0] for n in names], names))
+    classes = sorted({c for _, _, cls, _ in per_domain for c in cls})
+    index = {c: i for i, c in enumerate(classes)}
+    return DomainFolder(
+        images=torch.cat([images for _, images, _, _ in per_domain]),
+        labels=torch.tensor([index[c] for _, _, cls, _ in per_domain for c in cls], dtype=torch.long),
+        domains=torch.cat([torch.full((len(names),), k, dtype=torch.long)
+                           for k, (_, _, _, names) in enumerate(per_domain)]),
+        classes=classes, domain_names=[name for name, _, _, _ in per_domain],
+        paths=[f"{name}/{n}" for name, _, _, names in per_domain for n in names])

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import batch_group_targets, proxy_targets, standard_targets  # noqa: F401  (register targets)
+from . import batch_group_targets, domain_targets, proxy_targets, standard_targets  # noqa: F401  (register targets)
 from .pairing import apply_plan, find_pairings
 from .shortcuts import find_shortcut_norms
 from .probe import check_on_meta, meta_forward

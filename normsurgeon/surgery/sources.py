@@ -145,6 +145,22 @@ def read_instance_enhancement(m: nn.Module) -> SourceNorm:
     return source
 
 
+def read_domain_batch_norm(m: nn.Module) -> SourceNorm:
+    """DSBN: a BatchNorm with the domains pooled, each with weight 1/K: the mixture statistics
+    μ = mean_k μ_k, σ² = mean_k(σ²_k + μ_k²) − μ², γ, β averaged when per domain (exact for K = 1)."""
+    mean = m.running_mean.double().mean(0)
+    var = (m.running_var.double() + m.running_mean.double() ** 2).mean(0) - mean ** 2
+    weight, bias = m.weight, m.bias
+    if m.per_domain_affine:
+        weight, bias = weight.detach().mean(0), bias.detach().mean(0)
+    note = None if m.num_domains == 1 else (
+        f"the {m.num_domains} domains' statistics are pooled with equal weights (mixture mean and variance)"
+        + ("; per-domain γ, β averaged" if m.per_domain_affine else ""))
+    return SourceNorm("batch", m.num_features, m.channels_last, m.eps, weight, bias,
+                      mean.to(m.running_mean.dtype), var.clamp_min(0).to(m.running_var.dtype),
+                      m.num_batches_tracked.sum(), m.momentum, True, note=note, **_fused(m))
+
+
 Reader = Callable[[nn.Module], SourceNorm]
 _READERS: dict[type, Reader] = {}
 
@@ -182,6 +198,7 @@ def _register_builtin() -> None:
     _READERS[layers.ProxyNormAct] = read_proxy_norm
     _READERS[layers.BatchGroupNorm] = read_batch_group_norm
     _READERS[layers.InstanceEnhancementBatchNorm] = read_instance_enhancement
+    _READERS[layers.DomainSpecificBatchNorm] = read_domain_batch_norm
 
     from torchvision.models.convnext import LayerNorm2d as TvLayerNorm2d
     from torchvision.ops.misc import FrozenBatchNorm2d
