@@ -14,9 +14,9 @@ from .surgery import (ConversionError, ConversionReport, SkipSite, available_tar
 from .diagnostics import DiagnosticsReport, diagnose
 from .domains import BNEnsemble, domain, set_domain
 from .surgery.persist import load, save
-from .training import after_step, needs_step_hooks, param_groups
+from .training import after_step, calibrate, finetune, needs_step_hooks, param_groups, recalibrate_bn
 
 __version__ = "0.1.0"
-__all__ = ["convert", "plan", "save", "load", "param_groups", "after_step", "needs_step_hooks", "available_targets", "register_target",
+__all__ = ["convert", "plan", "save", "load", "param_groups", "calibrate", "finetune", "recalibrate_bn", "after_step", "needs_step_hooks", "available_targets", "register_target",
            "register_source", "ConversionReport", "ConversionError", "SkipSite", "diagnose", "DiagnosticsReport",
            "domain", "set_domain", "BNEnsemble"]

@@ -22,6 +22,7 @@ import time
 import warnings
 
 from . import __version__
+from .progress import Progress
 
 EXIT_USAGE = 2
 
@@ -385,38 +386,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-class _Progress:
-    """A tqdm bar on stderr when tqdm is installed and stderr is a terminal, else a few plain lines."""
-
-    def __init__(self, desc: str, total: int | None = None, unit: str = "it"):
-        self.desc, self.total, self.unit, self.n, self._bar, self._shown = desc, total, unit, 0, None, -1
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            tqdm = None
-        if tqdm is not None and getattr(sys.stderr, "isatty", lambda: False)():
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
-                             dynamic_ncols=True)
-
-    def update(self, k: int = 1) -> None:
-        self.n += k
-        if self._bar is not None:
-            self._bar.update(k)
-        elif self.total:
-            tenth = 10 * self.n // self.total
-            if tenth > self._shown and self.n < self.total:  # close() prints the last line
-                self._shown = tenth
-                print(f"{self.desc}: {self.n}/{self.total} {self.unit}", file=sys.stderr, flush=True)
-        elif self.n == 1 or self.n % 50 == 0:
-            print(f"{self.desc}: {self.n} {self.unit}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        print(f"{self.desc}: {self.n}{'/' + str(self.total) if self.total else ''} {self.unit}, done",
-              file=sys.stderr, flush=True)
-
-
 def _data_config(model) -> dict:
     """The model's preprocessing (timm's resolve_data_config), else ImageNet defaults."""
     from .data import IMAGENET_MEAN, IMAGENET_STD
@@ -465,7 +434,7 @@ def cmd_diagnose(args) -> int:
     size = args.size or int(cfg["input_size"][-1])
     mean, std = tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
     if args.data is not None:
-        bar = _Progress("loading images", total=n_files, unit="img")
+        bar = Progress("loading images", total=n_files, unit="img")
         try:
             x, names = load_image_folder(args.data, size=size, mean=mean, std=std, limit=args.limit,
                                          interpolation=cfg["interpolation"],
@@ -489,7 +458,7 @@ def cmd_diagnose(args) -> int:
                                                   if reference is not None else ""))
     _out(f"data: {source}, {size} px, mean={_fmt(mean)}, std={_fmt(std)}")
 
-    bar = _Progress("diagnose: forward passes", unit="batch")
+    bar = Progress("diagnose: forward passes", unit="batch")
     hooks = [m.register_forward_hook(lambda *_: bar.update()) for m in (model, reference) if m is not None]
     try:
         report = ns.diagnose(model, x, batch_sizes=args.batch_sizes, reference=reference,

@@ -1,0 +1,365 @@
+"""``finetune``: a plain training loop for converted models, by distillation and/or labels.
+
+One step: read a batch (x, labels?, domain?) → student forward (routed to the batch's domain
+when the model has domain-specific BN) → loss → backward → optimizer step → scheduler step →
+``after_step(model, x)`` (the step hooks of stateful layers, see ``step_hooks``).
+
+Loss, with s the student's logits and t the teacher's (T = ``temperature``):
+    distill: T² · KL(softmax(t/T) ‖ softmax(s/T))   (mean over the batch)
+    labels:  cross-entropy(s, y)
+    both:    (1 − label_weight) · distill + label_weight · labels
+``loss="auto"`` distills when a teacher is given, else uses the labels.
+
+The model is trained in place (that is what was asked); the teacher is only read, in eval
+mode. With ``checkpoint_dir`` the run writes an atomic checkpoint every ``checkpoint_every``
+steps and at the end, and ``history.json`` / ``history.csv``; calling ``finetune`` again with
+the same arguments resumes from it and ends with the same weights, bit for bit on CPU, as an
+uninterrupted run. A checkpoint of another model, recipe or configuration is refused before
+anything is written.
+
+Write your own loop instead? Keep three things: ``ns.param_groups(model, wd)`` for the
+optimizer, ``ns.after_step(model, x)`` after every ``optimizer.step()``, and (for batch-
+statistics targets) ``ns.recalibrate_bn(model, data)`` before evaluating.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..progress import Progress
+from .batches import check_inputs, device_of
+from .checkpoint import load_checkpoint, mismatch, model_fingerprint, rng_state, save_checkpoint, set_rng_state
+from .data_order import DataOrder
+from .param_groups import param_groups
+from .step_hooks import after_step
+
+LOSSES = ("auto", "distill", "labels", "both")
+
+
+class History(list):
+    """One dict per logged step (loss, lr, throughput, clocks) and per evaluation (eval_*)."""
+
+    def frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(list(self))
+
+    def last(self, key: str):
+        """The most recent value of ``key`` (e.g. "eval_agreement"), or None."""
+        return next((row[key] for row in reversed(self) if key in row), None)
+
+    def save(self, directory) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "history.json").write_text(json.dumps(list(self), indent=1))
+        keys = list(dict.fromkeys(k for row in self for k in row))
+        with open(directory / "history.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self)
+
+
+def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+    """(x, labels or None, domain or None) from a tensor, a tuple/list or a dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None, None
+    if isinstance(batch, dict):
+        return batch["input"], batch.get("label"), batch.get("domain")
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0], (batch[1] if len(batch) > 1 else None), (batch[2] if len(batch) > 2 else None)
+    raise TypeError(f"a batch must be a tensor, (x, y[, domain]) or a dict, got {type(batch).__name__}")
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), mean over the batch."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                    reduction="batchmean") * (t * t)
+
+
+def _router(model: nn.Module) -> Callable:
+    """``route(domain)`` → a context routing the model's domain-specific BNs (or a no-op)."""
+    from ..domains.routing import domain, domain_layers
+
+    if not domain_layers(model):
+        return lambda d: contextlib.nullcontext()
+    return lambda d: domain(model, d) if d is not None else contextlib.nullcontext()
+
+
+def _make_optimizer(model, optimizer, lr, weight_decay, momentum):
+    groups = param_groups(model, weight_decay)
+    if callable(optimizer):
+        return optimizer(groups)
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"optimizer must be 'sgd', 'adamw' or a callable(param_groups) -> Optimizer, got {optimizer!r}")
+
+
+def _make_scheduler(opt, scheduler, total: int, warmup: int):
+    if callable(scheduler):
+        return scheduler(opt, total)
+    if scheduler not in ("cosine", "constant"):
+        raise ValueError(f"scheduler must be 'cosine', 'constant' or a callable(optimizer, total_steps), "
+                         f"got {scheduler!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if scheduler == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total - warmup) / max(total - warmup, 1)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _check_arguments(model, teacher, lr, batch_size, steps, epochs, loss, temperature, label_weight,
+                     checkpoint_every, max_seconds, clock):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"finetune expects an nn.Module, got {type(model).__name__}")
+    if teacher is not None and (not isinstance(teacher, nn.Module) or teacher is model):
+        raise ValueError("teacher must be another nn.Module (the original model), not the student itself")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps= or epochs=")
+    for name, value in (("steps", steps), ("epochs", epochs), ("checkpoint_every", checkpoint_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if loss in ("distill", "both") and teacher is None:
+        raise ValueError(f"loss={loss!r} needs teacher= (the original model)")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= label_weight <= 1:
+        raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be > 0, got {max_seconds}")
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, teacher: nn.Module | None = None, batch_size: int = 64,
+             teacher_cache: dict | None = None) -> dict:
+    """eval_agreement / eval_kl with the teacher (when given), eval_accuracy / eval_loss (when
+    labeled). Both models run in eval mode; their modes are restored."""
+    route = _router(model)
+    order = DataOrder(data, batch_size, seed=0, what="eval_data")
+    batches = order.batches(0) if order.dataset is None else _in_order(order.dataset, batch_size)
+    modes = (model.training, teacher.training if teacher is not None else None)
+    model.eval()
+    if teacher is not None:
+        teacher.eval()
+    sums, count = {"agree": 0.0, "kl": 0.0, "correct": 0.0, "ce": 0.0}, 0
+    labeled = False
+    device = device_of(model)
+    try:
+        for i, batch in enumerate(batches):
+            x, y, d = split_batch(batch)
+            x = check_inputs(x, "eval_data").to(device)
+            with route(d):
+                out = model(x)
+            n = x.shape[0]
+            if teacher is not None:
+                ref = teacher_cache.get(i) if teacher_cache is not None else None
+                if ref is None:
+                    ref = teacher(x.to(device_of(teacher))).to(out.device)
+                    if teacher_cache is not None:
+                        teacher_cache[i] = ref
+                sums["agree"] += float((out.argmax(1) == ref.argmax(1)).sum())
+                sums["kl"] += float(distillation_loss(out, ref, 1.0)) * n
+            if y is not None:
+                labeled = True
+                y = y.to(out.device)
+                sums["correct"] += float((out.argmax(1) == y).sum())
+                sums["ce"] += float(F.cross_entropy(out, y, reduction="sum"))
+            count += n
+    finally:
+        model.train(modes[0])
+        if teacher is not None:
+            teacher.train(modes[1])
+    metrics = {}
+    if teacher is not None:
+        metrics.update(eval_agreement=sums["agree"] / count, eval_kl=sums["kl"] / count)
+    if labeled:
+        metrics.update(eval_accuracy=sums["correct"] / count, eval_loss=sums["ce"] / count)
+    return metrics
+
+
+def _in_order(dataset, batch_size):
+    from torch.utils.data import default_collate
+
+    for start in range(0, len(dataset), batch_size):
+        yield default_collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+
+
+def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, steps: int | None = None,
+             epochs: int | None = None, lr: float = 0.01, optimizer: str | Callable = "sgd",
+             batch_size: int = 32, weight_decay: float = 5e-5, momentum: float = 0.9,
+             scheduler: str | Callable = "cosine", warmup_steps: int = 0, loss: str = "auto",
+             temperature: float = 1.0, label_weight: float = 0.5, eval_data=None, eval_every: int | None = None,
+             checkpoint_dir=None, checkpoint_every: int = 100, resume: bool = True, seed: int = 0,
+             max_seconds: float | None = None, clock: str = "wall", grad_clip: float | None = None,
+             log_every: int = 10, progress: bool = True) -> History:
+    """Train ``model`` in place for ``steps`` optimizer steps (or ``epochs``); return its History.
+
+    ``train_data``: a tensor of inputs, a tuple (inputs, labels[, domains]) of tensors, a
+    ``Dataset`` (items x, (x, y) or (x, y, domain)) or a ``DataLoader``/iterable of batches.
+    ``max_seconds`` stops early once that much training time (``clock`` "wall" or "cpu":
+    process CPU time; evaluation excluded) has been spent; the schedule still spans ``steps``.
+    ``eval_every`` (steps) evaluates ``eval_data`` (agreement and KL with the teacher, accuracy
+    with labels); the end of training always evaluates when ``eval_data`` is given.
+    """
+    _check_arguments(model, teacher, lr, batch_size, steps, epochs, loss, temperature, label_weight,
+                     checkpoint_every, max_seconds, clock)
+    order = DataOrder(train_data, batch_size, seed)
+    if epochs is not None:
+        if order.steps_per_epoch is None:
+            raise ValueError("epochs= needs data with a length; give steps= for an endless iterable")
+        steps = epochs * order.steps_per_epoch
+    mode = loss if loss != "auto" else ("distill" if teacher is not None else "labels")
+    opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
+    sched = _make_scheduler(opt, scheduler, steps, warmup_steps)
+    settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr, "loss": mode,
+                "optimizer": optimizer if isinstance(optimizer, str) else "custom",
+                "scheduler": scheduler if isinstance(scheduler, str) else "custom",
+                "weight_decay": weight_decay, "momentum": momentum, "warmup_steps": warmup_steps,
+                "temperature": temperature, "label_weight": label_weight}
+    fingerprint = {"model": model_fingerprint(model), "settings": settings}
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    history, step, epoch, position, clocks, epoch_rng = History(), 0, 0, 0, {"wall": 0.0, "cpu": 0.0}, None
+    saved = load_checkpoint(directory) if directory is not None else None
+    if saved is not None:
+        if not resume:
+            raise FileExistsError(f"{directory} already holds a fine-tuning checkpoint and resume=False: move it "
+                                  f"away or choose another checkpoint_dir (nothing was overwritten)")
+        diff = mismatch(saved["fingerprint"], fingerprint)
+        if diff:
+            raise ValueError(f"the checkpoint in {directory} belongs to a different model, recipe or setting "
+                             f"({'; '.join(diff[:3])}); use another checkpoint_dir, or the same arguments to "
+                             f"resume. Nothing was overwritten.")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        step, epoch, position = saved["step"], saved["epoch"], saved["position"]
+        clocks, epoch_rng = dict(saved["clocks"]), saved.get("epoch_rng")
+        history = History(saved["history"])
+        set_rng_state(saved["rng"])
+
+    def checkpoint() -> None:
+        if directory is None:
+            return
+        save_checkpoint(directory, {"fingerprint": fingerprint, "model": model.state_dict(),
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "step": step, "epoch": epoch, "position": position, "clocks": clocks,
+                                    "epoch_rng": epoch_rng, "rng": rng_state(), "history": list(history)})
+        history.save(directory)
+
+    route, device = _router(model), device_of(model)
+    teacher_cache: dict = {}
+    was_training = model.training
+    model.train()
+    if teacher is not None:
+        teacher_mode = teacher.training
+        teacher.eval()
+    bar = Progress("finetune", total=steps, unit="step", initial=step, enabled=progress)
+    window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
+    out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
+    try:
+        while step < steps and not out_of_time:
+            if order.dataset is None:  # a loader: its shuffling draws from the torch RNG at iter()
+                if position == 0 or epoch_rng is None:
+                    epoch_rng = torch.get_rng_state()
+                    batches = order.batches(epoch, position)
+                else:
+                    now = torch.get_rng_state()
+                    torch.set_rng_state(epoch_rng)
+                    batches = order.batches(epoch, position)
+                    torch.set_rng_state(now)
+            else:
+                batches = order.batches(epoch, position)
+            for batch in batches:
+                wall0, cpu0 = time.perf_counter(), time.process_time()
+                x, y, d = split_batch(batch)
+                x = check_inputs(x, "train_data").to(device)
+                if mode in ("labels", "both") and y is None:
+                    raise ValueError(f"loss={mode!r} needs labels, but the batches carry only inputs; give "
+                                     f"(inputs, labels) or a teacher")
+                with route(d):
+                    out = model(x)
+                    terms = []
+                    if mode in ("distill", "both"):
+                        with torch.no_grad():
+                            ref = teacher(x.to(device_of(teacher))).to(out.device)
+                        if ref.shape != out.shape:
+                            raise ValueError(f"the teacher outputs {tuple(ref.shape)} but the student "
+                                             f"{tuple(out.shape)}: distillation needs the same output "
+                                             f"(same classes); pass labels instead or adapt the head")
+                        terms.append(distillation_loss(out, ref, temperature) * (1 - label_weight if mode == "both" else 1))
+                    if mode in ("labels", "both"):
+                        terms.append(F.cross_entropy(out, y.to(out.device)) * (label_weight if mode == "both" else 1))
+                    value = sum(terms)
+                    if not torch.isfinite(value):
+                        raise FloatingPointError(f"finetune: the loss became {float(value)} at step {step}; "
+                                                 f"lower lr (now {sched.get_last_lr()[0]:.3g}) or check the data")
+                    opt.zero_grad(set_to_none=True)
+                    value.backward()
+                    if grad_clip is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    opt.step()
+                    sched.step()
+                    after_step(model, x)
+                step, position = step + 1, position + 1
+                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                clocks["wall"] += wall
+                clocks["cpu"] += cpu
+                window["loss"] += float(value)
+                window["n"] += 1
+                window["samples"] += x.shape[0]
+                window["wall"] += wall
+                if step % log_every == 0 or step == steps:
+                    row = {"step": step, "epoch": epoch, "loss": window["loss"] / window["n"],
+                           "lr": opt.param_groups[0]["lr"], "samples_per_s": window["samples"] / window["wall"],
+                           "wall_s": clocks["wall"], "cpu_s": clocks["cpu"]}
+                    history.append(row)
+                    bar.update(window["n"], loss=row["loss"], **{"img/s": f"{row['samples_per_s']:.1f}"})
+                    window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
+                out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
+                if eval_data is not None and eval_every and step % eval_every == 0 and step < steps and not out_of_time:
+                    history.append({"step": step, **evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)})
+                if step % checkpoint_every == 0 or step == steps:
+                    checkpoint()
+                if step >= steps or out_of_time:
+                    break
+            else:
+                epoch, position = epoch + 1, 0
+                continue
+            if position >= (order.steps_per_epoch or math.inf):
+                epoch, position = epoch + 1, 0
+        if window["n"]:
+            bar.update(window["n"])
+        evaluated = any(r.get("step") == step and any(k.startswith("eval_") for k in r) for r in history)
+        if eval_data is not None and not evaluated:
+            history.append({"step": step, **evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)})
+        if out_of_time:
+            history.append({"step": step, "stopped": f"max_seconds={max_seconds} ({clock} clock) reached"})
+        checkpoint()
+    finally:
+        bar.close()
+        model.train(was_training)
+        if teacher is not None:
+            teacher.train(teacher_mode)
+    return history

@@ -1,0 +1,90 @@
+"""``recalibrate_bn``: precise running statistics, recomputed under the final weights.
+
+During training, running statistics are an exponential average over batches computed under
+changing weights. Recalibration resets them and re-estimates each as the plain average over
+``data`` of the batch statistics under the current weights (BatchNorm's ``momentum=None``
+cumulative average: mean of batch means, mean of unbiased batch variances).
+
+It covers every running-statistics norm of the project, found by what it holds, not by its
+class: a module with ``running_mean`` and ``running_var`` buffers and a ``momentum``
+attribute — torch's and timm's BatchNorms, normsurgeon's ``bn``, ``bgn``, ``iebn``, and the
+domain-specific BN (per domain: batches carrying a domain are routed to it, and a domain
+that no batch reached keeps its statistics). Statistics a layer did not see at all (an aux
+head that the forward skips) are kept too. Every other buffer of the model (cross-iteration
+memories, counters of stateful layers) is restored afterwards, and train/eval flags are
+restored.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from torch import nn
+
+from .batches import check_inputs, device_of, restore_training_flags, training_flags
+from .finetune import _router, split_batch
+
+
+def running_statistics_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+            and isinstance(getattr(m, "running_var", None), torch.Tensor) and hasattr(m, "momentum")]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, inplace: bool = True) -> nn.Module:
+    """Re-estimate every running-statistics norm of ``model`` on ``data``; returns the model.
+
+    ``data``: a tensor (one batch) or an iterable of batches (x, (x, y) or (x, y, domain)).
+    Modifies ``model`` in place unless ``inplace=False`` (then a recalibrated copy).
+    Batches must have ≥ 2 samples (batch statistics of one sample are meaningless).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"recalibrate_bn expects an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    layers = [m for _, m in running_statistics_layers(model)]
+    if not layers:
+        raise ValueError("recalibrate_bn: the model has no layer with running statistics (running_mean, "
+                         "running_var, momentum); nothing to recalibrate")
+    owned = {id(b) for m in layers for name, b in m.named_buffers(recurse=False)
+             if name in ("running_mean", "running_var", "num_batches_tracked")}
+    others = [(b, b.clone()) for b in model.buffers() if id(b) not in owned]
+    before = [(m, m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in layers]
+    flags = training_flags(model)
+    route, device = _router(model), device_of(model)
+    for m in layers:
+        m.running_mean.zero_()
+        m.running_var.fill_(1.0)
+        if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor):
+            m.num_batches_tracked.zero_()
+        m.momentum = None
+    model.train()
+    try:
+        if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+            raise ValueError(f"recalibrate_bn: num_batches must be a positive int or None, got {num_batches!r}")
+        count = 0
+        for batch in itertools.islice([data] if isinstance(data, torch.Tensor) else data, num_batches):
+            x, _, d = split_batch(batch)
+            x = check_inputs(x, "recalibrate_bn")
+            if x.shape[0] < 2:
+                raise ValueError(f"recalibrate_bn: a batch of {x.shape[0]} sample; batch statistics need ≥ 2 "
+                                 f"samples per batch")
+            with route(d):
+                model(x.to(device))
+            count += 1
+        if count == 0:
+            raise ValueError("recalibrate_bn: data is empty (no batch)")
+    finally:
+        restore_training_flags(flags)
+        for m, mean, var, momentum in before:
+            m.momentum = momentum
+            seen = getattr(m, "num_batches_tracked", None)
+            if isinstance(seen, torch.Tensor):
+                unseen = (seen == 0).view(-1, *([1] * (mean.ndim - 1))) if seen.ndim else (seen == 0)
+                m.running_mean.copy_(torch.where(unseen, mean, m.running_mean))
+                m.running_var.copy_(torch.where(unseen, var, m.running_var))
+        for b, value in others:
+            b.copy_(value)
+    return model
