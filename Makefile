@@ -28,3 +28,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_convert.py
 	$(PY) benchmarks/bench_layers.py
 	$(PY) benchmarks/bench_diagnostics.py
+	$(PY) benchmarks/bench_stateful.py
