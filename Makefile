@@ -29,3 +29,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_layers.py
 	$(PY) benchmarks/bench_diagnostics.py
 	$(PY) benchmarks/bench_domains.py
+	$(PY) benchmarks/bench_stateful.py

@@ -19,11 +19,11 @@ from normsurgeon.surgery.sources import match_source
 from architectures import ARCHITECTURES
 from conftest import randomize_norms
 
-TARGETS = ["bn", "frozen_bn", "gn", "ln", "in", "pn", "proxy_gn", "proxy_ln", "bgn", "iebn"]
+TARGETS = ["bn", "frozen_bn", "gn", "ln", "in", "pn", "proxy_gn", "proxy_ln", "bgn", "iebn", "cbn", "mbn"]
 OPTIONS = {"bgn": {"num_groups": "auto", "batch_size": 2}}
 OURS = (layers.BatchNorm, layers.FrozenBatchNorm, layers.GroupNorm, layers.InstanceNorm,
         layers.PositionalNorm, layers.ProxyNormAct, layers.BatchGroupNorm,
-        layers.InstanceEnhancementBatchNorm)
+        layers.InstanceEnhancementBatchNorm, layers.CrossIterationBatchNorm, layers.MemorizedBatchNorm)
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,6 +82,15 @@ def test_convert_architecture(arch, to):
     total(out).backward()
     grads = [p.grad for p in new.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads), "backward is not finite"
+    if ns.needs_step_hooks(new):  # stateful targets: a step, the hook, and a forward that uses the state
+        with torch.no_grad():
+            for p in new.parameters():
+                if p.grad is not None:  # sign step: batch-2 gradients here can be ~1e10
+                    p.sub_(1e-3 * p.grad.sign())
+        ns.after_step(new, x)
+        out = new(x)
+        assert all_finite(out), "train-mode forward after a step is not finite"
+        total(out).backward()
     new.eval()
     with torch.no_grad():
         assert all_finite(new(x)), "eval-mode forward is not finite"

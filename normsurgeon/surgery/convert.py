@@ -17,8 +17,10 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import batch_group_targets, domain_targets, proxy_targets, standard_targets  # noqa: F401  (register targets)
+from . import (batch_group_targets, domain_targets, proxy_targets, standard_targets,  # noqa: F401
+               stateful_targets)  # (register targets)
 from .pairing import apply_plan, find_pairings
+from .producers import find_producers
 from .shortcuts import find_shortcut_norms
 from .probe import check_on_meta, meta_forward
 from . import forward_rewrite
@@ -176,13 +178,15 @@ def _run(model, to, include, exclude, overrides, input_size, options, dry_run, i
     used = [target] + [get_target(o.get("to", target.name)) for o in (overrides or {}).values()]
     contexts = {t.context for t in used if t.needs_context}
     readable = [s.name for s in analysis.sites if s.match.reader]
-    site_context: dict[str, dict] = {"activation": {}, "shortcut": {}}  # context kind -> site -> value
+    site_context: dict[str, dict] = {"activation": {}, "shortcut": {}, "producer": {}}  # kind -> site -> value
     plans = {}
     if "activation" in contexts:
         site_context["activation"], plans = find_pairings(work, readable)
     if "shortcut" in contexts and analysis.trace.ok:
         on_shortcut = find_shortcut_norms(analysis.trace.graph, dict(work.named_modules()), set(readable))
         site_context["shortcut"] = {name: name in on_shortcut for name in readable}
+    if "producer" in contexts:
+        site_context["producer"] = find_producers(analysis.trace.graph, dict(work.named_modules()), readable)
     rows, builds = _build_all(analysis, target.name, include, exclude, overrides, options, dry_run,
                               site_context)
     pairings = site_context["activation"]

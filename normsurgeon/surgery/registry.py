@@ -16,6 +16,7 @@ from typing import Callable
 from torch import nn
 
 COMMON_OPTIONS = ("eps",)
+CONTEXTS = ("activation", "shortcut", "producer")
 
 
 class SkipSite(Exception):
@@ -45,7 +46,8 @@ class Target:
     options: tuple[str, ...] = ()
     batch_dependent: bool = False
     needs_context: bool = False  # needs graph context beyond the module itself
-    context: str = "activation"  # which: "activation" (pairing.Pairing) or "shortcut" (bool)
+    context: str = "activation"  # which: "activation" (pairing.Pairing), "shortcut" (bool) or
+    # "producer" (producers.Producer, or the reason a site has no usable producing conv)
 
     def check_options(self, options: dict) -> None:
         allowed = set(self.options) | set(COMMON_OPTIONS)
@@ -68,8 +70,8 @@ def register_target(name: str, build: Callable, *, summary: str, options: tuple[
         raise TypeError("a target name is a non-empty string")
     if name in _TARGETS and not replace:
         raise ValueError(f"target {name!r} is already registered; pass replace=True to override it")
-    if context not in ("activation", "shortcut"):
-        raise ValueError(f"context={context!r}: 'activation' or 'shortcut'")
+    if context not in CONTEXTS:
+        raise ValueError(f"context={context!r}: one of {', '.join(map(repr, CONTEXTS))}")
     target = Target(name, build, summary, tuple(options), batch_dependent, needs_context, context)
     _TARGETS[name] = target
     return target

@@ -185,7 +185,7 @@ def register_source(cls: type, like: type | None = None, reader: Reader | None =
 def _register_builtin() -> None:
     bn = nn.modules.batchnorm
     for cls in (bn._BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-                layers.BatchNorm):
+                layers.BatchNorm, layers.CrossIterationBatchNorm, layers.MemorizedBatchNorm):
         _READERS[cls] = read_batch_norm
     for cls in (nn.GroupNorm, layers.GroupNorm, layers.LayerNorm):
         _READERS[cls] = read_group_norm

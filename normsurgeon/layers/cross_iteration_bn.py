@@ -1,0 +1,249 @@
+"""Cross-Iteration Batch Normalization (Yao, Cao, Zheng, Huang, Lin, CVPR 2021).
+
+The statistics of a BatchNorm fed by a conv are pooled over a window of ``window`` = k
+iterations: the current batch plus the k − 1 previous ones, each *compensated* to the conv's
+current weights θ_t = (W_t, b_t) by a first-order Taylor expansion (paper eq. 7–8):
+
+    μ_{t−τ}(θ_t) ≈ μ_{t−τ} + ρ·∂μ/∂θ·(θ_t − θ_{t−τ}),    ν_{t−τ}(θ_t) ≈ ν_{t−τ} + ρ·∂ν/∂θ·(θ_t − θ_{t−τ})
+
+with ν = E[y²]; ρ = 1 is the paper's method, ρ = 0 plain averaging (its ablation). Per entry
+the paper clamps ν ≥ μ² (compensated variance ≥ 0), then
+    μ̄ = mean_i μ_i,  σ̄² = mean_i max(ν_i, μ_i²) − μ̄²,  y = γ (x − μ̄)/sqrt(σ̄² + eps) + β.
+Gradients flow only through the current batch's statistics; past entries are constants.
+
+How it is computed here (numerically the same quantity, in a cancellation-free form):
+- The derivatives are analytic (``_conv_statistics.py``): ∂μ_c/∂W_c is the mean input patch p̄
+  of c's group, ∂σ²_c/∂W_c one conv weight-gradient; no extra autograd pass. The bias is part of
+  θ (∂μ/∂b = 1, ∂σ²/∂b = 0).
+- Entries store μ and the central σ², and the compensation is applied to σ² directly:
+  ν_comp − μ_comp² = σ² + ρ·∂σ²/∂W·ΔW − (ρΔμ)² exactly, so no E[y²] − μ² cancellation in float32.
+- No weight snapshot is stored: ∂μ·(W_t − W_i) = ⟨p̄_i, W_t⟩ − ⟨p̄_i, W_i⟩ and the second dot
+  product is a per-channel scalar taken when the entry is stored (likewise for σ²). Per past
+  entry: p̄ (Cin·kh·kw), ∂σ²/∂W (|W|), four (C,) vectors. With k = 4 that is ≈ 3·|W| + 3·Cin·kh·kw
+  floats per layer, against 9·|W| (past W, ∂μ/∂W, ∂ν/∂W) in the official code.
+- The pooled variance is mean_i v_i + mean_i (μ_i − μ̄)² with v_i = max(σ²_i,comp, 0): the
+  paper's clamp, never NaN (the official code drops entries instead and can divide by zero).
+- eps is inside the square root, as BatchNorm (the official default adds it outside).
+
+Our choices where the paper/official code leave room (documented, testable):
+- Burn-in counts optimizer steps (``after_optimizer_step``, called by ``normsurgeon.after_step``),
+  not forward calls: ``burnin`` steps of exact BatchNorm, then the window. Entries are collected
+  from then on (the window fills over the next k − 1 iterations).
+- An entry is stored for every gradient-enabled training forward (no-grad forwards, e.g.
+  recalibration, use the window but do not add to it).
+- Running statistics follow BatchNorm exactly (EMA of the *current* batch's μ and unbiased σ²,
+  as the official code), so eval is BatchNorm and ``normsurgeon.recalibrate_bn`` /
+  ``torch.optim.swa_utils.update_bn`` recalibrate this layer like any BatchNorm.
+- All state (window, step counter, ring position) is in registered buffers: checkpointed,
+  moved by ``.to()``, copied by ``deepcopy``.
+
+The layer reads its conv's input through a forward hook on the conv (``attach``), and checks
+that its own input is that conv's output from the same forward; a weak reference keeps the conv
+from owning the norm (no duplicate state_dict keys; ``deepcopy`` and pickling re-bind it).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import weakref
+
+import torch
+from torch import nn
+
+from ._conv_statistics import conv_statistics
+from ._stateful import StepHookClient
+from .batch_group_norm import _needs_two, _running_factor, _update_running
+from .batch_norm import BatchNorm
+
+
+class _ConvTap:
+    """Forward hook on the producing conv: hands (conv, input, output) to its CBN layer.
+
+    Holds the layer weakly (a norm replaced by a later conversion leaves a no-op hook behind);
+    ``deepcopy`` re-binds to the copied layer and pickling stores the layer itself.
+    """
+
+    def __init__(self, layer: "CrossIterationBatchNorm | None"):
+        self._ref = weakref.ref(layer) if layer is not None else None
+
+    def layer(self):
+        return self._ref() if self._ref is not None else None
+
+    def __call__(self, conv: nn.Module, args, output) -> None:
+        layer = self.layer()
+        if layer is not None and args:
+            layer._tap = (conv, args[0], output)
+
+    def __deepcopy__(self, memo):
+        layer = self.layer()
+        return _ConvTap(copy.deepcopy(layer, memo) if layer is not None else None)
+
+    def __reduce__(self):
+        return (_ConvTap, (self.layer(),))
+
+
+class CrossIterationBatchNorm(StepHookClient, BatchNorm):
+    """CBN after a Conv2d: x (N, C, H, W) is the output of the conv with weight ``weight_shape``
+    = (C, Cin/G, kh, kw) and ``groups`` = G. Equations and choices in the module docstring."""
+
+    def __init__(self, num_features: int, weight_shape: tuple[int, int, int, int], groups: int = 1,
+                 eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, *, window: int = 4, burnin: int = 0,
+                 rho: float = 1.0, act: nn.Module | None = None, drop: nn.Module | None = None,
+                 statistics_pending: bool = False):
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window={window!r}: the number of iterations pooled (current + past), an int >= 1")
+        if not isinstance(burnin, int) or burnin < 0:
+            raise ValueError(f"burnin={burnin!r}: a number of optimizer steps, an int >= 0")
+        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"rho={rho!r}: the compensation coefficient, a finite number >= 0 "
+                             f"(1 = the paper's compensation, 0 = plain averaging)")
+        weight_shape = tuple(int(s) for s in weight_shape)
+        if len(weight_shape) != 4 or weight_shape[0] != num_features or num_features % groups:
+            raise ValueError(f"weight_shape={weight_shape} with groups={groups} is not the weight of a "
+                             f"Conv2d with {num_features} output channels")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, act=act, drop=drop,
+                         statistics_pending=statistics_pending)
+        self.window, self.burnin, self.rho = window, burnin, float(rho)
+        self.groups, self.weight_shape = groups, weight_shape
+        self.conv_name: str | None = None
+        past, (c, cin_g, kh, kw) = window - 1, weight_shape
+        self.register_buffer("num_steps", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("past_head", torch.zeros(1, dtype=torch.long))  # next slot to write
+        self.register_buffer("past_valid", torch.zeros(past))
+        for name in ("past_mean", "past_var", "past_mean_offset", "past_var_offset"):
+            self.register_buffer(name, torch.zeros(past, c))
+        self.register_buffer("past_mean_patch", torch.zeros(past, groups, cin_g, kh, kw))
+        self.register_buffer("past_var_grad", torch.zeros(past, c, cin_g, kh, kw))
+        self._steps = 0  # mirror of num_steps (read every forward without a device sync)
+        self._tap = None
+
+    # -- wiring -----------------------------------------------------------------------------
+    def attach(self, conv: nn.Conv2d, name: str | None = None) -> "CrossIterationBatchNorm":
+        """Read ``conv``'s input on every call (a forward hook on ``conv``)."""
+        if tuple(conv.weight.shape) != self.weight_shape or conv.groups != self.groups:
+            raise ValueError(f"{self._where()} was built for a conv weight {self.weight_shape} with "
+                             f"groups={self.groups}, got {tuple(conv.weight.shape)}, groups={conv.groups}")
+        conv.register_forward_hook(_ConvTap(self))
+        self.conv_name = name
+        return self
+
+    # -- step hook protocol -------------------------------------------------------------------
+    def after_optimizer_step(self) -> None:
+        """One optimizer step happened (called by ``normsurgeon.after_step``): counts the burn-in."""
+        self._steps += 1
+        self.num_steps.fill_(self._steps)
+        self._note_step()
+
+    def _needs_step_hook(self) -> bool:
+        return self.window > 1 and self._steps < self.burnin
+
+    def _missing_hook_consequence(self) -> str:
+        return ("Cross-Iteration BN counts its burn-in in optimizer steps: without the hook it stays "
+                "plain BatchNorm.")
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._steps = int(self.num_steps)
+
+    # -- statistics ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def past_statistics(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                        rho: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The window's past entries compensated to conv parameters (``weight``, ``bias``).
+
+        Returns (mean, var, valid), each with k − 1 rows: μ_i + Δμ_i, max(σ²_i + ρ·∂σ²·ΔW −
+        Δμ_i², 0) per channel (C,), and 1.0 for entries that hold data. ``rho`` overrides the
+        layer's ρ (0: the stored, uncompensated statistics).
+        """
+        rho = self.rho if rho is None else rho
+        if rho == 0 or self.window == 1:
+            return self.past_mean.clone(), self.past_var.clone(), self.past_valid.clone()
+        past, c, g = self.window - 1, self.num_features, self.groups
+        w = weight.detach().to(self.past_mean.dtype)
+        dot_mean = torch.einsum("gcl,pgl->pgc", w.reshape(g, c // g, -1),
+                                self.past_mean_patch.reshape(past, g, -1)).reshape(past, c)
+        dot_var = torch.einsum("cl,pcl->pc", w.reshape(c, -1), self.past_var_grad.reshape(past, c, -1))
+        d_mean = dot_mean - self.past_mean_offset
+        if bias is not None:
+            d_mean += bias.detach().to(d_mean.dtype)
+        d_mean *= rho
+        d_var = (dot_var - self.past_var_offset).mul_(rho) - d_mean * d_mean
+        return self.past_mean + d_mean, (self.past_var + d_var).clamp_min_(0), self.past_valid.clone()
+
+    @torch.no_grad()
+    def _push(self, conv: nn.Conv2d, conv_input: torch.Tensor, y: torch.Tensor,
+              mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Store the current batch's statistics, derivatives and offsets in the ring."""
+        stats = conv_statistics(conv, conv_input, y, mean, var)
+        past, c, g = self.window - 1, self.num_features, self.groups
+        w = conv.weight.detach()
+        mean_offset = torch.einsum("gcl,gl->gc", w.reshape(g, c // g, -1), stats.mean_patch.reshape(g, -1)).reshape(c)
+        if conv.bias is not None:
+            mean_offset += conv.bias.detach()
+        var_offset = torch.einsum("cl,cl->c", w.reshape(c, -1), stats.var_grad.reshape(c, -1))
+        slot = self.past_head
+        for name, value in (("past_mean", stats.mean), ("past_var", stats.var),
+                            ("past_mean_offset", mean_offset), ("past_var_offset", var_offset),
+                            ("past_mean_patch", stats.mean_patch), ("past_var_grad", stats.var_grad)):
+            buf = getattr(self, name)
+            buf.index_copy_(0, slot, value.unsqueeze(0).to(buf.dtype))
+        self.past_valid.index_fill_(0, slot, 1.0)
+        self.past_head.add_(1).remainder_(past)
+
+    def state_bytes(self) -> int:
+        """Bytes of cross-iteration state (the window and counters) held by this layer."""
+        names = ("num_steps", "past_head", "past_valid", "past_mean", "past_var", "past_mean_offset",
+                 "past_var_offset", "past_mean_patch", "past_var_grad")
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
+
+    # -- forward ------------------------------------------------------------------------------
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        tap, self._tap = self._tap, None
+        if self.training:
+            self._note_training_forward()
+        if not self.training or self.window == 1 or self._steps < self.burnin:
+            return super()._normalize(x)  # BatchNorm exactly
+        return self._normalize_window(x, tap)
+
+    def _normalize_window(self, x: torch.Tensor, tap) -> torch.Tensor:
+        self._check_input_dim(x)
+        if x.ndim != 4:
+            raise ValueError(f"{self._where()} expects the (N, C, H, W) output of a Conv2d, got {tuple(x.shape)}")
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        _needs_two(self, x, count)
+        conv = conv_input = None
+        if tap is not None and tap[2] is x:
+            conv, conv_input = tap[0], tap[1]
+        elif x.device.type != "meta":  # (meta: shape checks of a layer alone)
+            raise RuntimeError(
+                f"{self._where()} needs the input of its conv{f' {self.conv_name!r}' if self.conv_name else ''} "
+                f"to compensate statistics across iterations, but its input is not that conv's output "
+                f"from this forward. Call it right after its conv, on the conv's output (as "
+                f"normsurgeon.convert(model, to='cbn') wires it), or attach it with layer.attach(conv).")
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var_t, mean_t = torch.var_mean(work, dim=(0, 2, 3), unbiased=False)
+        if conv is not None:
+            past_mean, past_var, valid = self.past_statistics(conv.weight, conv.bias)
+        else:
+            past_mean, past_var, valid = self.past_mean, self.past_var, self.past_valid
+        past_mean, past_var, valid = (t.to(work.dtype) for t in (past_mean, past_var, valid))
+        valid = valid.unsqueeze(1)
+        n = 1 + valid.sum()
+        mean = (mean_t + (valid * past_mean).sum(0)) / n
+        var = (var_t + (valid * past_var).sum(0)) / n \
+            + ((mean_t - mean).square() + (valid * (past_mean - mean).square()).sum(0)) / n
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale if self.bias is None else self.bias - mean * scale
+        out = torch.addcmul(shift.view(1, -1, 1, 1), work, scale.view(1, -1, 1, 1)).to(x.dtype)
+        factor = _running_factor(self)
+        _update_running(self, mean_t.detach(), var_t.detach(), count, factor)
+        if conv is not None and torch.is_grad_enabled():
+            self._push(conv, conv_input, x, mean_t.detach(), var_t.detach())
+        return out
+
+    def extra_repr(self) -> str:
+        conv = f", conv={self.conv_name!r}" if self.conv_name else ""
+        return super().extra_repr() + f", window={self.window}, burnin={self.burnin}, rho={self.rho}{conv}"
