@@ -1,0 +1,102 @@
+"""Conversion fidelity: how close does each target get to the original EfficientNet-Lite0?
+
+For each target: convert the embedded EfficientNet-Lite0 (real ImageNet weights), calibrate
+on 64 photo crops, then distill from the original with ``normsurgeon.finetune`` and measure
+top-1 agreement and KL(original ‖ converted) on held-out crops after convert, after calibrate,
+and after 1, 5 and 10 CPU minutes of distillation (process CPU time of the training steps,
+one thread, evaluation excluded). The three distillation points are one run: finetune is
+called with max_seconds = 60, 300, 600 on the same checkpoint_dir, so each call resumes the
+previous one exactly.
+
+Held-out sets (96 crops each, 160 px): ``same photos`` are new random crops of the 12
+training photos (crops never seen in calibration or training); ``new photos`` are crops of 6
+photos never used at all (coffee, flower, retina, moon, gravel, page).
+
+    python analysis/conversion_fidelity/run.py [--targets gn proxy_gn ...] [--minutes 1 5 10]
+    python analysis/conversion_fidelity/run.py --plot      # figure + table from results.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import normsurgeon as ns
+from normsurgeon import zoo
+from normsurgeon.photo_crops import HELDOUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops
+from normsurgeon.training import evaluate
+
+HERE = Path(__file__).parent
+TARGETS = ["gn", "proxy_gn", "ln", "proxy_ln", "bgn", "iebn", "cbn", "mbn"]
+OPTIONS = {"bgn": {"num_groups": "auto", "batch_size": 16}}
+SIZE, BATCH, LR = 160, 16, 3e-4
+
+
+def measure(model, original, sets) -> dict:
+    row = {}
+    for name, x in sets.items():
+        m = evaluate(model, x, original, batch_size=48)
+        row[f"agreement_{name}"], row[f"kl_{name}"] = m["eval_agreement"], m["eval_kl"]
+    return row
+
+
+def run_target(to: str, minutes: list[float], out: Path) -> None:
+    torch.manual_seed(0)
+    original = zoo.efficientnet_lite0()
+    sets = {"same_photos": PhotoCrops(TRAIN_PHOTOS, 96, SIZE, seed=3).batch(),
+            "new_photos": PhotoCrops(HELDOUT_PHOTOS, 96, SIZE, seed=2).batch()}
+    calibration = PhotoCrops(TRAIN_PHOTOS, 64, SIZE, seed=1).batch()
+    train = PhotoCrops(TRAIN_PHOTOS, 1_000_000, SIZE, seed=10)
+
+    def write(stage: str, model, **extra) -> None:
+        row = {"target": to, "stage": stage, **extra, **measure(model, original, sets)}
+        new = not out.exists()
+        with open(out, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        print(row, flush=True)
+
+    converted = ns.convert(original, to=to, **OPTIONS.get(to, {}))
+    write("convert", converted, cpu_minutes=0, steps=0)
+    calibrated = ns.calibrate(converted, original, calibration)
+    write("calibrate", calibrated, cpu_minutes=0, steps=0)
+    with tempfile.TemporaryDirectory() as ckpt:
+        for minute in minutes:
+            history = ns.finetune(calibrated, train, teacher=original, steps=1_000_000, lr=LR, optimizer="adamw",
+                                  batch_size=BATCH, scheduler="constant", warmup_steps=20, checkpoint_dir=ckpt,
+                                  checkpoint_every=1000, max_seconds=60 * minute, clock="cpu", progress=False,
+                                  log_every=20)
+            steps = max(r["step"] for r in history)
+            cpu = max(r.get("cpu_s", 0) for r in history)
+            if to in ("bgn", "iebn", "cbn", "mbn"):  # batch statistics: re-estimate under the final weights
+                crops = PhotoCrops(TRAIN_PHOTOS, 8 * BATCH, SIZE, seed=4)
+                ns.recalibrate_bn(calibrated, [crops.batch(i * BATCH, (i + 1) * BATCH) for i in range(8)])
+            write(f"distill {minute:g} min", calibrated, cpu_minutes=round(cpu / 60, 2), steps=steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", nargs="+", default=TARGETS)
+    parser.add_argument("--minutes", nargs="+", type=float, default=[1, 5, 10])
+    parser.add_argument("--out", default=str(HERE / "results.csv"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", action="store_true", help="only draw the figure and table from --out")
+    args = parser.parse_args()
+    if not args.plot:
+        torch.set_num_threads(args.threads)
+        start = time.process_time()
+        for to in args.targets:
+            run_target(to, args.minutes, Path(args.out))
+        print(f"total CPU time {(time.process_time() - start) / 60:.1f} min")
+    from plot import plot
+    plot(Path(args.out), HERE)
+
+
+if __name__ == "__main__":
+    main()

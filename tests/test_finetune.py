@@ -1,0 +1,194 @@
+"""normsurgeon.finetune: distillation works, a killed run resumes bit-identically, bad input is refused."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import normsurgeon as ns
+from normsurgeon.training import evaluate
+
+WORKER = Path(__file__).parent / "scripts" / "finetune_worker.py"
+ROOT = Path(__file__).parent.parent
+
+
+def teacher_and_student():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                            nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    with torch.no_grad():
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    teacher.eval()
+    return teacher, ns.convert(teacher, to="gn")
+
+
+def images(n, seed):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_distillation_lowers_kl_on_held_out_data():
+    teacher, student = teacher_and_student()
+    held_out = images(128, seed=9)
+    before = evaluate(student, held_out, teacher)["eval_kl"]
+    history = ns.finetune(student, images(512, seed=1), teacher=teacher, steps=60, lr=3e-3, optimizer="adamw",
+                          batch_size=32, eval_data=held_out, eval_every=30, progress=False)
+    after = evaluate(student, held_out, teacher)["eval_kl"]
+    assert after < 0.5 * before, (before, after)
+    assert history.last("eval_kl") == pytest.approx(after)
+    assert [r["step"] for r in history if "eval_kl" in r] == [30, 60]
+    assert all(k in history[0] for k in ("loss", "lr", "samples_per_s", "wall_s", "cpu_s"))
+    assert not teacher.training  # modes restored; the teacher is never trained
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(),
+                                                 teacher_and_student()[0].state_dict().values()))
+
+
+def test_labels_train_and_history_files(tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1).repeat(1, 3, 1, 1) / 8 - 1
+    y = torch.tensor(digits.target)
+    _, student = teacher_and_student()
+    history = ns.finetune(student, (x[:1400], y[:1400]), epochs=6, lr=1e-2, optimizer="adamw", batch_size=32,
+                          eval_data=(x[1400:], y[1400:]), checkpoint_dir=tmp_path, progress=False)
+    assert history.last("eval_accuracy") > 0.5
+    saved = json.loads((tmp_path / "history.json").read_text())
+    assert saved == json.loads(json.dumps(list(history)))
+    assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("step,epoch,loss")
+
+
+def _run_worker(ckpt, out, delay="0"):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, str(WORKER), str(ckpt), str(out), delay], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_run_killed_with_sigkill_resumes_bit_identically(tmp_path):
+    reference = _run_worker(tmp_path / "ref", tmp_path / "ref.pt")
+    killed = _run_worker(tmp_path / "run", tmp_path / "run.pt", delay="0.004")
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.25)  # somewhere in the middle, possibly while a checkpoint is written
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert reference.wait() == 0, reference.stdout.read().decode()
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < step < 48, f"the kill came at step {step}; the test needs it mid-run"
+    resumed = _run_worker(tmp_path / "run", tmp_path / "run.pt")
+    assert resumed.wait() == 0, resumed.stdout.read().decode()
+    a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "run.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+class Crash(Exception):
+    pass
+
+
+def test_dataloader_run_interrupted_and_resumed_is_identical(tmp_path):
+    """An iterable (shuffling DataLoader) resumes at the same batch with the same shuffle."""
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(40, 3, 8, 8, generator=gen), torch.randint(0, 10, (40,), generator=gen))
+
+    def run(directory, crash_at=None):
+        torch.manual_seed(5)
+        _, student = teacher_and_student()
+        loader = DataLoader(data, batch_size=8, shuffle=True)
+        calls = {"n": 0}
+        if crash_at is not None:
+            forward = student.forward
+
+            def crashing(x):
+                calls["n"] += 1
+                if calls["n"] == crash_at:
+                    raise Crash
+                return forward(x)
+            student.forward = crashing
+        ns.finetune(student, loader, steps=17, lr=0.05, batch_size=8, loss="labels", optimizer="sgd",
+                    checkpoint_dir=directory, checkpoint_every=1, progress=False)
+        return student
+
+    ref = run(tmp_path / "a")
+    with pytest.raises(Crash):
+        run(tmp_path / "b", crash_at=8)  # mid-epoch (5 batches per epoch)
+    resumed = run(tmp_path / "b")
+    for (k, v), w in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_bad_input(tmp_path):
+    teacher, student = teacher_and_student()
+    x = images(16, seed=0)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        ns.finetune(student, x, teacher=teacher, steps=2, lr=0)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        ns.finetune(student, x, teacher=teacher, steps=2, lr=-1e-3)
+    with pytest.raises(ValueError, match="empty"):
+        ns.finetune(student, torch.empty(0, 3, 8, 8), teacher=teacher, steps=2)
+    with pytest.raises(ValueError, match="empty"):
+        ns.finetune(student, [], teacher=teacher, steps=2)
+    wrong = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 7))
+    with pytest.raises(ValueError, match=r"teacher outputs \(8, 7\) but the student \(8, 10\)"):
+        ns.finetune(student, x, teacher=wrong, steps=2, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="needs labels"):
+        ns.finetune(student, x, steps=2, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="exactly one of steps= or epochs="):
+        ns.finetune(student, x, teacher=teacher)
+    with pytest.raises(ValueError, match="teacher must be another"):
+        ns.finetune(student, x, teacher=student, steps=1)
+
+
+def test_checkpoint_of_another_model_or_setting_is_refused_and_kept(tmp_path):
+    teacher, student = teacher_and_student()
+    x = images(32, seed=0)
+    ns.finetune(student, x, teacher=teacher, steps=3, batch_size=8, checkpoint_dir=tmp_path, progress=False)
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    other = ns.convert(teacher, to="ln")  # another recipe, same shapes
+    with pytest.raises(ValueError, match="different model, recipe or setting"):
+        ns.finetune(other, x, teacher=teacher, steps=3, batch_size=8, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="settings.lr: checkpoint 0.01 vs now 0.1"):
+        ns.finetune(student, x, teacher=teacher, steps=3, lr=0.1, batch_size=8, checkpoint_dir=tmp_path,
+                    progress=False)
+    with pytest.raises(FileExistsError, match="resume=False"):
+        ns.finetune(student, x, teacher=teacher, steps=3, batch_size=8, checkpoint_dir=tmp_path, resume=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable normsurgeon fine-tuning checkpoint"):
+        ns.finetune(student, x, teacher=teacher, steps=3, batch_size=8, checkpoint_dir=tmp_path)
+
+
+def test_finished_run_called_again_changes_nothing(tmp_path):
+    teacher, student = teacher_and_student()
+    x = images(32, seed=0)
+    first = ns.finetune(student, x, teacher=teacher, steps=4, batch_size=8, checkpoint_dir=tmp_path,
+                        eval_data=x, progress=False)
+    weights = {k: v.clone() for k, v in student.state_dict().items()}
+    again = ns.finetune(student, x, teacher=teacher, steps=4, batch_size=8, checkpoint_dir=tmp_path,
+                        eval_data=x, progress=False)
+    assert list(again) == list(first)
+    assert all(torch.equal(v, weights[k]) for k, v in student.state_dict().items())
+
+
+def test_time_budget_stops_early():
+    teacher, student = teacher_and_student()
+    history = ns.finetune(student, images(64, seed=0), teacher=teacher, steps=10_000, batch_size=8,
+                          max_seconds=0.3, progress=False)
+    last = max(r["step"] for r in history)
+    assert 0 < last < 10_000
+    assert "max_seconds" in history[-1]["stopped"]
