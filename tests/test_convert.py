@@ -381,3 +381,35 @@ def test_frozen_parameters_stay_frozen_and_dtype_follows():
     new = ns.convert(model, to="gn")
     assert new.bn1.weight.dtype == torch.float64 and not new.bn1.weight.requires_grad
     assert new.layer1[0].bn1.weight.requires_grad
+
+
+# bn, bgn and iebn share the statistics logic (PendingStatistics, cumulative momentum);
+# bgn with one group per channel is BatchNorm exactly, in train too
+BATCH_STAT_TARGETS = {"bn": {}, "bgn": {"num_groups": 8}, "iebn": {}}
+
+
+def small_net(norm) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), norm())
+
+
+@pytest.mark.parametrize("to", list(BATCH_STAT_TARGETS))
+def test_meta_checks_leave_statistics_pending_and_the_first_batch_sets_them(to):
+    """GN has no batch statistics: the new layers are pending after convert's meta checks, and
+    the first real training batch makes the running statistics that batch's statistics."""
+    torch.manual_seed(0)
+    new = ns.convert(small_net(lambda: nn.GroupNorm(2, 8)), to=to, input_size=(3, 16, 16),
+                     **BATCH_STAT_TARGETS[to]).train()
+    norms = [m for m in new.modules() if hasattr(m, "statistics_pending")]
+    assert len(norms) == 2 and all(m.statistics_pending for m in norms)
+    inputs = {}
+    for m in norms:
+        m.register_forward_hook(lambda mod, args, out: inputs.__setitem__(mod, args[0].detach()))
+    new(torch.randn(4, 3, 16, 16) * 3 + 1)
+    for m in norms:
+        x = inputs[m]
+        var, mean = torch.var_mean(x.transpose(0, 1).reshape(8, -1), dim=1, correction=1)
+        torch.testing.assert_close(m.running_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var, var, rtol=1e-5, atol=1e-6)
+        assert not m.statistics_pending and int(m.num_batches_tracked) == 1
+
