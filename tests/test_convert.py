@@ -413,3 +413,24 @@ def test_meta_checks_leave_statistics_pending_and_the_first_batch_sets_them(to):
         torch.testing.assert_close(m.running_var, var, rtol=1e-5, atol=1e-6)
         assert not m.statistics_pending and int(m.num_batches_tracked) == 1
 
+
+@pytest.mark.parametrize("to", list(BATCH_STAT_TARGETS))
+def test_bn_with_cumulative_momentum_converts_and_is_function_preserving_in_train(to):
+    """momentum=None (cumulative average): convert's meta checks must not read
+    num_batches_tracked, and the new model keeps averaging exactly as the original."""
+    torch.manual_seed(0)
+    model = small_net(lambda: nn.BatchNorm2d(8, momentum=None)).train()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 16, 16, generator=gen) * (1 + k) + k for k in range(5)]
+    for x in batches[:3]:
+        model(x)
+    new = ns.convert(model, to=to, input_size=(3, 16, 16), **BATCH_STAT_TARGETS[to]).train()
+    assert all(m.momentum is None for m in new.modules() if hasattr(m, "statistics_pending"))
+    for x in batches[3:]:
+        torch.testing.assert_close(new(x), model(x), rtol=1e-5, atol=1e-5)
+    for old, fresh in zip((model[1], model[4]), (new[1], new[4])):
+        torch.testing.assert_close(fresh.running_mean, old.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fresh.running_var, old.running_var, rtol=1e-5, atol=1e-6)
+        assert int(fresh.num_batches_tracked) == int(old.num_batches_tracked) == 5
+    model.eval(), new.eval()
+    torch.testing.assert_close(new(batches[0]), model(batches[0]), rtol=1e-5, atol=1e-5)

@@ -31,13 +31,14 @@ def _running_factor(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) ->
     """``_BatchNorm.forward``'s update factor for this call on input ``x``; counts a training batch.
 
     EMA factor ``momentum``, or 1/num_batches_tracked (cumulative average) when momentum is None;
-    1 on the first training batch of a layer with ``statistics_pending``; on meta tensors (shape
-    checks) a pending flag stays set.
+    1 on the first training batch of a layer with ``statistics_pending``. On meta tensors (shape
+    checks) no value exists: the cumulative factor is not read and a pending flag stays set.
     """
     factor = 0.0 if module.momentum is None else module.momentum
     if module.training and module.track_running_stats and module.num_batches_tracked is not None:
         module.num_batches_tracked.add_(1)
-        factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
+        if module.momentum is None and x.device.type != "meta":
+            factor = 1.0 / float(module.num_batches_tracked)
     if isinstance(module, PendingStatistics) and module._take_pending(x):
         factor = 1.0
     return factor

@@ -8,7 +8,8 @@ It accepts (N, C, *) of any rank, or (N, *, C) when ``channels_last``. A layer b
 statistics to start from (``statistics_pending=True``) takes its running statistics from its
 first training batch (momentum 1 once), instead of averaging real statistics with the
 meaningless initial (0, 1). A forward on meta tensors (``convert``'s shape checks) computes no
-statistics: it leaves ``statistics_pending`` as it was.
+statistics: it leaves ``statistics_pending`` as it was, and with ``momentum=None`` it skips the
+cumulative-average factor (1/num_batches_tracked cannot be read from a meta tensor).
 
 ``FrozenBatchNorm``: the same affine map with fixed statistics in train and eval,
     y = x · γ/sqrt(var + eps) + (β − mean · γ/sqrt(var + eps)).
@@ -75,12 +76,16 @@ class BatchNorm(PendingStatistics, FusedActLayout, nn.modules.batchnorm._BatchNo
                 f"(input shape {tuple(x.shape)}): use a batch of 2 or more, call model.eval(), "
                 f"or convert this layer to a batch-independent target ('frozen_bn', 'gn', 'ln').")
         if self._take_pending(x):
-            momentum, self.momentum = self.momentum, 1.0
-            try:
-                return super().forward(x)
-            finally:
-                self.momentum = momentum
-        return super().forward(x)
+            override = 1.0
+        elif self.momentum is None and x.device.type == "meta":
+            override = 0.0  # shape check: torch's cumulative average would read num_batches_tracked
+        else:
+            return super().forward(x)
+        momentum, self.momentum = self.momentum, override
+        try:
+            return super().forward(x)
+        finally:
+            self.momentum = momentum
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._layout_repr()
