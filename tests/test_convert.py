@@ -381,3 +381,56 @@ def test_frozen_parameters_stay_frozen_and_dtype_follows():
     new = ns.convert(model, to="gn")
     assert new.bn1.weight.dtype == torch.float64 and not new.bn1.weight.requires_grad
     assert new.layer1[0].bn1.weight.requires_grad
+
+
+# bn, bgn and iebn share the statistics logic (PendingStatistics, cumulative momentum);
+# bgn with one group per channel is BatchNorm exactly, in train too
+BATCH_STAT_TARGETS = {"bn": {}, "bgn": {"num_groups": 8}, "iebn": {}}
+
+
+def small_net(norm) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm(), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), norm())
+
+
+@pytest.mark.parametrize("to", list(BATCH_STAT_TARGETS))
+def test_meta_checks_leave_statistics_pending_and_the_first_batch_sets_them(to):
+    """GN has no batch statistics: the new layers are pending after convert's meta checks, and
+    the first real training batch makes the running statistics that batch's statistics."""
+    torch.manual_seed(0)
+    new = ns.convert(small_net(lambda: nn.GroupNorm(2, 8)), to=to, input_size=(3, 16, 16),
+                     **BATCH_STAT_TARGETS[to]).train()
+    norms = [m for m in new.modules() if hasattr(m, "statistics_pending")]
+    assert len(norms) == 2 and all(m.statistics_pending for m in norms)
+    inputs = {}
+    for m in norms:
+        m.register_forward_hook(lambda mod, args, out: inputs.__setitem__(mod, args[0].detach()))
+    new(torch.randn(4, 3, 16, 16) * 3 + 1)
+    for m in norms:
+        x = inputs[m]
+        var, mean = torch.var_mean(x.transpose(0, 1).reshape(8, -1), dim=1, correction=1)
+        torch.testing.assert_close(m.running_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var, var, rtol=1e-5, atol=1e-6)
+        assert not m.statistics_pending and int(m.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("to", list(BATCH_STAT_TARGETS))
+def test_bn_with_cumulative_momentum_converts_and_is_function_preserving_in_train(to):
+    """momentum=None (cumulative average): convert's meta checks must not read
+    num_batches_tracked, and the new model keeps averaging exactly as the original."""
+    torch.manual_seed(0)
+    model = small_net(lambda: nn.BatchNorm2d(8, momentum=None)).train()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 3, 16, 16, generator=gen) * (1 + k) + k for k in range(5)]
+    for x in batches[:3]:
+        model(x)
+    new = ns.convert(model, to=to, input_size=(3, 16, 16), **BATCH_STAT_TARGETS[to]).train()
+    assert all(m.momentum is None for m in new.modules() if hasattr(m, "statistics_pending"))
+    for x in batches[3:]:
+        torch.testing.assert_close(new(x), model(x), rtol=1e-5, atol=1e-5)
+    for old, fresh in zip((model[1], model[4]), (new[1], new[4])):
+        torch.testing.assert_close(fresh.running_mean, old.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fresh.running_var, old.running_var, rtol=1e-5, atol=1e-6)
+        assert int(fresh.num_batches_tracked) == int(old.num_batches_tracked) == 5
+    model.eval(), new.eval()
+    torch.testing.assert_close(new(batches[0]), model(batches[0]), rtol=1e-5, atol=1e-5)

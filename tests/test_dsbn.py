@@ -203,12 +203,14 @@ def test_batched_and_looped_ensembles_agree_and_probabilities_sum_to_one():
     assert torch.allclose(a.sum(-1), torch.ones(5), atol=1e-5)
 
 
-STUDY_DOMAINS = ("clean", "rotated", "inverted", "blurred", "noisy")  # analysis/domain_generalization
+# the first version of analysis/domain_generalization (strong shifts); its current mild domains
+# are not recognized this well (0.73 on this calibrated net; see that study's README)
+STUDY_DOMAINS = ("clean", "rotated", "inverted", "blurred", "noisy")
 
 
 def test_training_domains_are_recognized_on_digit_domains():
-    """On the study's data (digits under real transformations), a test sample of a training
-    domain gets its highest weight on that domain for >= 90% of samples."""
+    """On digits under strong real transformations, a test sample of a training domain gets its
+    highest weight on that domain for >= 90% of samples."""
     from normsurgeon.domains.digits import digit_domains
 
     names = STUDY_DOMAINS

@@ -12,7 +12,7 @@ from PIL import Image
 import normsurgeon as ns
 from normsurgeon import layers
 from normsurgeon.data import load_domain_folder
-from normsurgeon.domains.digits import DOMAINS, digit_domains
+from normsurgeon.domains.digits import DOMAINS, MILD_DOMAINS, digit_domains
 from normsurgeon.domains.sampler import DomainBatchSampler
 
 
@@ -82,6 +82,19 @@ def test_digit_domains_are_real_transformations():
     assert torch.equal(digit_domains(("noisy",), size=16, seed=1)[0][0], digit_domains(("noisy",), size=16, seed=1)[0][0])
     with pytest.raises(ValueError, match="unknown digit domain"):
         digit_domains(("sepia",))
+
+
+def test_mild_digit_domains_are_milder_versions_of_the_strong_ones():
+    images, _, names = digit_domains(MILD_DOMAINS, size=16, seed=1)
+    strong, _, strong_names = digit_domains(DOMAINS, size=16, seed=1)
+    clean = images[0]
+    assert torch.equal(clean, strong[0])
+    assert torch.allclose(images[names.index("faded")], 0.25 + 0.5 * clean)
+    for mild, hard in (("tilted", "rotated"), ("soft", "blurred"), ("grainy", "noisy")):
+        change = (images[names.index(mild)] - clean).abs().mean()
+        assert 0.01 < change < (strong[strong_names.index(hard)] - clean).abs().mean(), mild
+    soft = images[names.index("soft")]
+    assert soft.var() < clean.var() and abs(soft.mean() - clean.mean()) < 0.01
 
 
 def test_dsbn_across_the_architecture_matrix():

@@ -10,6 +10,11 @@ then every domain transforms every digit (independent random parameters per imag
   noisy     + N(0, 0.3²) pixel noise, clipped to [0, 1]
   elastic   elastic distortion (Simard et al. 2003): a random displacement field smoothed by a
             Gaussian (σ = 3 px at 32 px), largest displacement 6 px at 32 px
+Milder shifts (``MILD_DOMAINS``, the kind a scanner or pen change makes):
+  tilted    rotated by ±(10°..20°)
+  faded     partial contrast loss: 0.25 + 0.5·x (grey paper, lighter ink)
+  soft      Gaussian blur, σ = 1 px at 32 px
+  grainy    + N(0, 0.15²) pixel noise, clipped to [0, 1]
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 DOMAINS = ("clean", "rotated", "inverted", "blurred", "noisy", "elastic")
+MILD_DOMAINS = ("clean", "tilted", "faded", "soft", "grainy", "elastic")
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -30,6 +36,17 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def _warp(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _rotate(x: torch.Tensor, low: float, high: float, gen: torch.Generator) -> torch.Tensor:
+    """Each image rotated by ±(low..high) degrees, sign at random."""
+    n = x.shape[0]
+    sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+    angle = torch.deg2rad(sign * (low + (high - low) * torch.rand(n, generator=gen)))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], -1),
+                         torch.stack([sin, cos, torch.zeros(n)], -1)], 1)
+    return _warp(x, F.affine_grid(theta, list(x.shape), align_corners=False))
 
 
 def transform(x: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
@@ -44,12 +61,15 @@ def transform(x: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
     if name == "noisy":
         return (x + 0.3 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
     if name == "rotated":
-        sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
-        angle = torch.deg2rad(sign * (30 + 20 * torch.rand(n, generator=gen)))
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], -1),
-                             torch.stack([sin, cos, torch.zeros(n)], -1)], 1)
-        return _warp(x, F.affine_grid(theta, list(x.shape), align_corners=False))
+        return _rotate(x, 30, 50, gen)
+    if name == "tilted":
+        return _rotate(x, 10, 20, gen)
+    if name == "faded":
+        return 0.25 + 0.5 * x
+    if name == "soft":
+        return _blur(x, 1.0 * size / 32)
+    if name == "grainy":
+        return (x + 0.15 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
     if name == "elastic":
         field = torch.rand((n, 2, size, size), generator=gen) * 2 - 1
         field = _blur(field, 3 * size / 32)
@@ -58,7 +78,8 @@ def transform(x: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tensor:
         theta = torch.eye(2, 3).expand(n, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False) + displacement.permute(0, 2, 3, 1)
         return _warp(x, grid)
-    raise ValueError(f"unknown digit domain {name!r}; domains: {', '.join(DOMAINS)}")
+    raise ValueError(f"unknown digit domain {name!r}; domains: "
+                     f"{', '.join(dict.fromkeys(DOMAINS + MILD_DOMAINS))}")
 
 
 def digit_domains(domains=DOMAINS, size: int = 32, seed: int = 0):

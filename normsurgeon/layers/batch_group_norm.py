@@ -27,17 +27,19 @@ from ._group_statistics import BatchGroupNormFunction, InstanceEnhancementFuncti
 from .batch_norm import PendingStatistics
 
 
-def _running_factor(module: nn.modules.batchnorm._BatchNorm) -> float:
-    """``_BatchNorm.forward``'s update factor for this call; counts a training batch.
+def _running_factor(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> float:
+    """``_BatchNorm.forward``'s update factor for this call on input ``x``; counts a training batch.
 
     EMA factor ``momentum``, or 1/num_batches_tracked (cumulative average) when momentum is None;
-    1 on the first training batch of a layer with ``statistics_pending``.
+    1 on the first training batch of a layer with ``statistics_pending``. On meta tensors (shape
+    checks) no value exists: the cumulative factor is not read and a pending flag stays set.
     """
     factor = 0.0 if module.momentum is None else module.momentum
     if module.training and module.track_running_stats and module.num_batches_tracked is not None:
         module.num_batches_tracked.add_(1)
-        factor = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
-    if isinstance(module, PendingStatistics) and module._take_pending():
+        if module.momentum is None and x.device.type != "meta":
+            factor = 1.0 / float(module.num_batches_tracked)
+    if isinstance(module, PendingStatistics) and module._take_pending(x):
         factor = 1.0
     return factor
 
@@ -68,7 +70,7 @@ def _fused_dtype_ok(module: nn.Module, x: torch.Tensor) -> bool:
 
 def batch_norm_without_affine(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """``_BatchNorm.forward``'s statistics logic on (N, K, *) with K = len(running_mean), no affine."""
-    factor = _running_factor(module)
+    factor = _running_factor(module, x)
     track = not module.training or module.track_running_stats
     return F.batch_norm(x, module.running_mean if track else None, module.running_var if track else None,
                         None, None, _uses_batch_statistics(module), factor, module.eps)
@@ -123,7 +125,7 @@ class BatchGroupNorm(PendingStatistics, FusedActLayout, nn.modules.batchnorm._Ba
             return F.batch_norm(x, self.running_mean.repeat_interleave(c // g),
                                 self.running_var.repeat_interleave(c // g),
                                 self.weight, self.bias, False, 0.0, self.eps)
-        factor = _running_factor(self)
+        factor = _running_factor(self, x)
         y, mean, var = BatchGroupNormFunction.apply(x, self.weight, self.bias, g, self.eps)
         _update_running(self, mean, var, count, factor)
         return y
@@ -174,7 +176,7 @@ class InstanceEnhancementBatchNorm(PendingStatistics, FusedActLayout, nn.modules
             k = self.weight * gate * torch.rsqrt(self.running_var + self.eps)
             shift = self.bias - self.running_mean * k
             return torch.addcmul(shift.view(view), x, k.view(view))
-        factor = _running_factor(self)
+        factor = _running_factor(self, x)
         y, mean, var = InstanceEnhancementFunction.apply(
             x, self.weight, self.bias, self.attention_weight, self.attention_bias, self.eps)
         _update_running(self, mean, var, count, factor)

@@ -7,7 +7,9 @@ as ``torch.nn.BatchNorm2d`` (same momentum semantics, ``momentum=None`` = cumula
 It accepts (N, C, *) of any rank, or (N, *, C) when ``channels_last``. A layer built without
 statistics to start from (``statistics_pending=True``) takes its running statistics from its
 first training batch (momentum 1 once), instead of averaging real statistics with the
-meaningless initial (0, 1).
+meaningless initial (0, 1). A forward on meta tensors (``convert``'s shape checks) computes no
+statistics: it leaves ``statistics_pending`` as it was, and with ``momentum=None`` it skips the
+cumulative-average factor (1/num_batches_tracked cannot be read from a meta tensor).
 
 ``FrozenBatchNorm``: the same affine map with fixed statistics in train and eval,
     y = x · γ/sqrt(var + eps) + (β − mean · γ/sqrt(var + eps)).
@@ -26,7 +28,8 @@ from .base import FusedActLayout, elements_per_channel
 class PendingStatistics:
     """Mixin for batch-statistics layers built without statistics to start from: while
     ``statistics_pending``, the first training batch sets the running statistics (momentum 1
-    once). Loading a state_dict clears it: loaded statistics are real ones."""
+    once). Loading a state_dict clears it: loaded statistics are real ones. A forward on meta
+    tensors (shape checks) does not: it computes no statistics to take."""
 
     statistics_pending: bool = False
 
@@ -34,9 +37,9 @@ class PendingStatistics:
         super()._load_from_state_dict(*args, **kwargs)
         self.statistics_pending = False
 
-    def _take_pending(self) -> bool:
-        """True exactly once, on the first training step of a pending layer."""
-        if self.statistics_pending and self.training and self.track_running_stats:
+    def _take_pending(self, x: torch.Tensor) -> bool:
+        """True exactly once, on the first real (not meta) training step of a pending layer."""
+        if self.statistics_pending and self.training and self.track_running_stats and x.device.type != "meta":
             self.statistics_pending = False
             return True
         return False
@@ -72,13 +75,17 @@ class BatchNorm(PendingStatistics, FusedActLayout, nn.modules.batchnorm._BatchNo
                 f"{self._where()} needs batch statistics but got one value per channel "
                 f"(input shape {tuple(x.shape)}): use a batch of 2 or more, call model.eval(), "
                 f"or convert this layer to a batch-independent target ('frozen_bn', 'gn', 'ln').")
-        if self._take_pending():
-            momentum, self.momentum = self.momentum, 1.0
-            try:
-                return super().forward(x)
-            finally:
-                self.momentum = momentum
-        return super().forward(x)
+        if self._take_pending(x):
+            override = 1.0
+        elif self.momentum is None and x.device.type == "meta":
+            override = 0.0  # shape check: torch's cumulative average would read num_batches_tracked
+        else:
+            return super().forward(x)
+        momentum, self.momentum = self.momentum, override
+        try:
+            return super().forward(x)
+        finally:
+            self.momentum = momentum
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self._layout_repr()
