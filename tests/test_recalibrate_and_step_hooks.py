@@ -1,0 +1,124 @@
+"""recalibrate_bn (every running-statistics norm) and the step-hook API."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import normsurgeon as ns
+
+from conftest import randomize_norms
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return randomize_norms(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)))
+
+
+def batch_statistics_of_inputs(model, layer, batches):
+    """Independent: mean of batch means and of unbiased batch variances of ``layer``'s input."""
+    seen = []
+    h = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    with torch.no_grad():
+        for x in batches:
+            model.train()(x)
+    h.remove()
+    means = torch.stack([s.transpose(0, 1).reshape(s.shape[1], -1).mean(1) for s in seen])
+    vars_ = torch.stack([s.transpose(0, 1).reshape(s.shape[1], -1).var(1, unbiased=True) for s in seen])
+    return means.mean(0), vars_.mean(0)
+
+
+@pytest.mark.parametrize("to", [None, "bn", "iebn"])
+def test_running_statistics_are_the_average_of_batch_statistics(to):
+    model = bn_model() if to is None else ns.convert(bn_model(), to=to)
+    batches = [torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(i)) * (1 + i) for i in range(4)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    reference = {}
+    for name in names:  # each on a fresh copy, so that earlier layers keep their original state
+        twin = copy.deepcopy(model)
+        reference[name] = batch_statistics_of_inputs(twin, twin.get_submodule(name), batches)
+    model.eval()
+    out = ns.recalibrate_bn(model, batches)
+    assert out is model and not model.training
+    for name in names:
+        layer, (mean, var) = model.get_submodule(name), reference[name]
+        torch.testing.assert_close(layer.running_mean, mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.running_var, var, rtol=1e-5, atol=1e-5)
+        assert layer.momentum == 0.1  # restored
+
+
+def test_bgn_group_statistics_and_dsbn_domains():
+    bgn = ns.convert(bn_model(), to="bgn", num_groups=4)
+    batches = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    ns.recalibrate_bn(bgn, batches)
+    layer = bgn[1]
+    seen = []
+    h = bgn[0].register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+    with torch.no_grad():
+        for x in batches:
+            bgn[0](x)
+    h.remove()
+    group_means = torch.stack([s.reshape(s.shape[0], 4, -1).transpose(0, 1).reshape(4, -1).mean(1) for s in seen])
+    torch.testing.assert_close(layer.running_mean, group_means.mean(0), rtol=1e-5, atol=1e-5)
+
+    dsbn = ns.convert(bn_model(), to="dsbn", domains=["a", "b"])
+    before_b = dsbn[1].running_mean[1].clone()
+    ns.recalibrate_bn(dsbn, [(x, torch.zeros(4, dtype=torch.long), "a") for x in batches])
+    assert torch.equal(dsbn[1].running_mean[1], before_b)  # domain b saw no batch: kept
+    assert not torch.equal(dsbn[1].running_mean[0], before_b)
+
+
+def test_recalibrate_bad_input_and_other_buffers_kept():
+    model = bn_model()
+    with pytest.raises(ValueError, match="no layer with running statistics"):
+        ns.recalibrate_bn(nn.Sequential(nn.Conv2d(3, 3, 1)), torch.randn(4, 3, 8, 8))
+    with pytest.raises(ValueError, match="batch statistics need ≥ 2"):
+        ns.recalibrate_bn(model, torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="empty"):
+        ns.recalibrate_bn(model, [])
+    with pytest.raises(ValueError, match="NaN"):
+        ns.recalibrate_bn(model, torch.full((4, 3, 8, 8), float("nan")))
+    model.register_buffer("counter", torch.tensor(7.0))
+    other = ns.recalibrate_bn(model, torch.randn(4, 3, 8, 8), inplace=False)
+    assert other is not model and float(other.counter) == 7.0
+
+
+class Stateful(nn.Module):
+    """A fake stateful layer: counts steps; remembers the mean of the batch seen while refreshing."""
+
+    refreshes_after_step = True
+
+    def __init__(self):
+        super().__init__()
+        self.refreshing = False
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("refreshed_mean", torch.zeros(()))
+
+    def forward(self, x):
+        if self.refreshing:
+            self.refreshed_mean.fill_(float(x.mean()))
+        return x
+
+    def after_optimizer_step(self):
+        self.steps += 1
+
+
+def test_after_step_refreshes_and_restores_other_buffers():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), Stateful())
+    assert ns.needs_step_hooks(model) and not ns.needs_step_hooks(bn_model())
+    x = torch.randn(5, 3, 4, 4)
+    running = model[1].running_mean.clone()
+    ns.after_step(model, x)
+    assert int(model[2].steps) == 1 and not model[2].refreshing
+    assert torch.equal(model[1].running_mean, running)  # the refresh forward changed no other buffer
+    with torch.no_grad():  # the refresh ran the model in its mode (train: batch statistics) on x
+        expected = model[1](model[0](x)).mean()
+    model[1].running_mean.copy_(running)
+    torch.testing.assert_close(model[2].refreshed_mean, expected)
+    with pytest.raises(ValueError, match="needs the batch"):
+        ns.after_step(model)
+    ns.after_step(bn_model())  # no stateful layer: nothing to do, no input needed
