@@ -330,14 +330,14 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                 window["n"] += 1
                 window["samples"] += x.shape[0]
                 window["wall"] += wall
-                if step % log_every == 0 or step == steps:
+                out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
+                if step % log_every == 0 or step == steps or out_of_time:
                     row = {"step": step, "epoch": epoch, "loss": window["loss"] / window["n"],
                            "lr": opt.param_groups[0]["lr"], "samples_per_s": window["samples"] / window["wall"],
                            "wall_s": clocks["wall"], "cpu_s": clocks["cpu"]}
                     history.append(row)
                     bar.update(window["n"], loss=row["loss"], **{"img/s": f"{row['samples_per_s']:.1f}"})
                     window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
-                out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
                 if eval_data is not None and eval_every and step % eval_every == 0 and step < steps and not out_of_time:
                     history.append({"step": step, **evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)})
                 if step % checkpoint_every == 0 or step == steps:
@@ -349,8 +349,6 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                 continue
             if position >= (order.steps_per_epoch or math.inf):
                 epoch, position = epoch + 1, 0
-        if window["n"]:
-            bar.update(window["n"])
         evaluated = any(r.get("step") == step and any(k.startswith("eval_") for k in r) for r in history)
         if eval_data is not None and not evaluated:
             history.append({"step": step, **evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)})
