@@ -238,7 +238,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
             scale = scale * self.weight
         shift = -mean * scale if self.bias is None else self.bias - mean * scale
         out = torch.addcmul(shift.view(1, -1, 1, 1), work, scale.view(1, -1, 1, 1)).to(x.dtype)
-        factor = _running_factor(self)
+        factor = _running_factor(self, x)
         _update_running(self, mean_t.detach(), var_t.detach(), count, factor)
         if conv is not None and torch.is_grad_enabled():
             self._push(conv, conv_input, x, mean_t.detach(), var_t.detach())
