@@ -6,6 +6,8 @@ when the model has domain-specific BN) → loss → backward → optimizer step 
 
 Loss, with s the student's logits and t the teacher's (T = ``temperature``):
     distill: T² · KL(softmax(t/T) ‖ softmax(s/T))   (mean over the batch)
+             + feature_weight · per-site scale-free MSE of the pre-activations (see
+             ``feature_distillation``; 0 by default)
     labels:  cross-entropy(s, y)
     both:    (1 − label_weight) · distill + label_weight · labels
 ``loss="auto"`` distills when a teacher is given, else uses the labels.
@@ -39,6 +41,7 @@ from ..progress import Progress
 from .batches import check_inputs, device_of
 from .checkpoint import load_checkpoint, mismatch, model_fingerprint, rng_state, save_checkpoint, set_rng_state
 from .data_order import DataOrder
+from .feature_distillation import FeatureMatcher
 from .param_groups import param_groups
 from .step_hooks import after_step
 
@@ -210,7 +213,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
              epochs: int | None = None, lr: float = 0.01, optimizer: str | Callable = "sgd",
              batch_size: int = 32, weight_decay: float = 5e-5, momentum: float = 0.9,
              scheduler: str | Callable = "cosine", warmup_steps: int = 0, loss: str = "auto",
-             temperature: float = 1.0, label_weight: float = 0.5, eval_data=None, eval_every: int | None = None,
+             temperature: float = 1.0, label_weight: float = 0.5, feature_weight: float = 0.0, eval_data=None, eval_every: int | None = None,
              checkpoint_dir=None, checkpoint_every: int = 100, resume: bool = True, seed: int = 0,
              max_seconds: float | None = None, clock: str = "wall", grad_clip: float | None = None,
              log_every: int = 10, progress: bool = True) -> History:
@@ -237,7 +240,10 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                 "optimizer": optimizer if isinstance(optimizer, str) else "custom",
                 "scheduler": scheduler if isinstance(scheduler, str) else "custom",
                 "weight_decay": weight_decay, "momentum": momentum, "warmup_steps": warmup_steps,
-                "temperature": temperature, "label_weight": label_weight}
+                "temperature": temperature, "label_weight": label_weight, "feature_weight": feature_weight}
+    if feature_weight < 0 or (feature_weight > 0 and teacher is None):
+        raise ValueError(f"feature_weight must be ≥ 0 and needs teacher= when > 0, got {feature_weight}")
+    matcher = FeatureMatcher(model, teacher) if feature_weight > 0 else None
     fingerprint = {"model": model_fingerprint(model), "settings": settings}
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     history, step, epoch, position, clocks, epoch_rng = History(), 0, 0, 0, {"wall": 0.0, "cpu": 0.0}, None
@@ -299,6 +305,8 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                     raise ValueError(f"loss={mode!r} needs labels, but the batches carry only inputs; give "
                                      f"(inputs, labels) or a teacher")
                 with route(d):
+                    if matcher is not None:
+                        matcher.clear()
                     out = model(x)
                     terms = []
                     if mode in ("distill", "both"):
@@ -309,6 +317,8 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                                              f"{tuple(out.shape)}: distillation needs the same output "
                                              f"(same classes); pass labels instead or adapt the head")
                         terms.append(distillation_loss(out, ref, temperature) * (1 - label_weight if mode == "both" else 1))
+                        if matcher is not None:
+                            terms.append(feature_weight * matcher.loss())
                     if mode in ("labels", "both"):
                         terms.append(F.cross_entropy(out, y.to(out.device)) * (label_weight if mode == "both" else 1))
                     value = sum(terms)
@@ -357,6 +367,8 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         checkpoint()
     finally:
         bar.close()
+        if matcher is not None:
+            matcher.remove()
         model.train(was_training)
         if teacher is not None:
             teacher.train(teacher_mode)
