@@ -303,3 +303,73 @@ def test_forgotten_step_hook_is_warned_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _train(fine, [x] * 4)
+
+
+def test_mbn_gradient_is_batchnorm_through_the_current_batch():
+    """Memory = the batch's own statistics: value and gradient are BatchNorm's (the literal
+    derivative of the pool would scale the statistics' gradient by w_0 = 1/4)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 5, 3, 3, dtype=torch.float64) * 3 + 1
+    mbn = MemorizedBatchNorm(5, memory=4).double()
+    with torch.no_grad():
+        mbn.weight.uniform_(0.5, 1.5)
+        mbn.bias.uniform_(-1, 1)
+    mbn.seed_memory(x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False))
+    g = torch.randn_like(x)
+    a = x.clone().requires_grad_()
+    out = mbn.train()(a)
+    (out * g).sum().backward()
+    b = x.clone().requires_grad_()
+    ref = nn.functional.batch_norm(b, None, None, mbn.weight, mbn.bias, True, 0.0, mbn.eps)
+    (ref * g).sum().backward()
+    assert torch.allclose(out, ref, atol=1e-10)
+    assert torch.allclose(a.grad, b.grad, atol=1e-10)
+    # memory ≠ batch: the gradient is BatchNorm's scaled by r = σ_0/σ̄ (Batch Renormalization)
+    mbn.seed_memory(torch.zeros(5, dtype=torch.float64), torch.full((5,), 4.0, dtype=torch.float64))
+    a.grad = None
+    (mbn(a) * g).sum().backward()
+    var0 = x.var((0, 2, 3), unbiased=False)
+    mean0 = x.mean((0, 2, 3))
+    # pooled mixture variance of {(μ_0, σ²_0), 3 × (0, 4)} with weights 1/4
+    mu = mean0 / 4
+    pooled_var = (var0 + 12.0) / 4 + (0.25 * (mean0 - mu).square() + 0.75 * mu.square())
+    r = torch.sqrt((var0 + mbn.eps) / (pooled_var + mbn.eps)).view(1, -1, 1, 1)
+    assert torch.allclose(a.grad, b.grad * r, atol=1e-10)
+
+
+def _separable(seed=0, n=512, classes=10):
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    centers = torch.randn(classes, 3, 8, 8, generator=gen)
+    return centers[y] + torch.randn(n, 3, 8, 8, generator=gen), y
+
+
+def test_mbn_trains_about_as_fast_as_batchnorm():
+    """Regression: with the literal derivative of the pool (the current batch's statistics'
+    gradient scaled by 1/4) this net stayed at loss 1.69 where BN and MBN now reach 0.25."""
+    x, y = _separable()
+
+    def run(norm, batch=32):
+        torch.manual_seed(0)
+        layers, c = [], 3
+        for _ in range(4):
+            layers += [nn.Conv2d(c, 16, 3, padding=1, bias=False), norm(16), nn.ReLU()]
+            c = 16
+        model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        losses = []
+        for epoch in range(3):
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(epoch))
+            for i in range(0, len(x), batch):
+                xb, yb = x[order[i:i + batch]], y[order[i:i + batch]]
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                ns.after_step(model, xb)
+                losses.append(float(loss.detach()))
+        return sum(losses[-len(losses) // 3:]) / (len(losses) // 3)  # last epoch's mean loss
+
+    bn, mbn = run(nn.BatchNorm2d), run(lambda c: MemorizedBatchNorm(c, memory=4))
+    assert bn < 0.4
+    assert mbn < bn + 0.15, (bn, mbn)

@@ -122,3 +122,38 @@ def test_after_step_refreshes_and_restores_other_buffers():
     with pytest.raises(ValueError, match="needs the batch"):
         ns.after_step(model)
     ns.after_step(bn_model())  # no stateful layer: nothing to do, no input needed
+
+
+def test_recalibrating_mbn_fills_the_memory_with_population_statistics():
+    """Every memory entry (and so running_mean/var and eval) = the exact mean and biased variance
+    of the layer's input over all recalibration batches, under the current weights."""
+    model = ns.convert(bn_model(), to="mbn", memory=4)
+    batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) + i for i in range(10)]
+    mbns = [m for m in model.modules() if isinstance(m, ns.layers.MemorizedBatchNorm)]
+    seen = []
+    h = mbns[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    ns.recalibrate_bn(model, batches)
+    h.remove()
+    first = torch.cat(seen[:len(batches)])
+    var, mean = torch.var_mean(first, dim=(0, 2, 3), unbiased=False)
+    for m in mbns:
+        assert bool(m.memory_valid.all())
+        assert torch.allclose(m.memory_mean, m.memory_mean[0].expand_as(m.memory_mean))
+        assert torch.allclose(m.running_mean, m.memory_mean[0]) and torch.allclose(m.running_var, m.memory_var[0])
+    assert torch.allclose(mbns[0].running_mean, mean, atol=1e-5)
+    assert torch.allclose(mbns[0].running_var, var, atol=1e-5)
+    # a failed recalibration leaves the memory as it was
+    before = [b.clone() for b in mbns[1].buffers()]
+    with pytest.raises(ValueError):
+        ns.recalibrate_bn(model, [batches[0], batches[1][:1]])
+    assert all(torch.equal(a, b) for a, b in zip(before, mbns[1].buffers()) if a.dtype.is_floating_point)
+
+
+def test_mbn_from_an_untrained_batchnorm_starts_with_an_empty_memory():
+    fresh = ns.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), to="mbn", memory=4)
+    assert not bool(fresh[1].memory_valid.any())
+    trained = bn_model()  # randomized running statistics
+    trained[1].num_batches_tracked.fill_(5)
+    converted = ns.convert(trained, to="mbn", memory=4)
+    assert bool(converted[1].memory_valid.all())
+    assert torch.allclose(converted[1].memory_mean[2], trained[1].running_mean)

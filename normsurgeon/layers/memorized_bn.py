@@ -8,6 +8,14 @@ gradients) and the k − 1 newest memory entries (j = 1..k−1, constants):
     w_j = decay^j / Σ_i decay^i  (over entries that hold data),
     μ̄ = Σ_j w_j μ_j,   σ̄² = Σ_j w_j σ²_j + Σ_j w_j (μ_j − μ̄)²   (the pooled mixture variance),
     y = γ (x − μ̄)/sqrt(σ̄² + eps) + β.
+Gradient: the memory entries are constants, and the current batch's (μ_0, σ_0) get BatchNorm's
+full gradient, as in Batch Renormalization (Ioffe, NeurIPS 2017, §3):
+    y = γ ((x − μ_0)/σ_0 · r + d) + β,   r = σ_0/σ̄, d = (μ_0 − μ̄)/σ̄ held constant,
+which has the value above. The literal derivative of the pooled formula would scale the
+current batch's share by w_0 (1/k): the gradient then keeps most of its component along
+directions that shift or rescale the batch's features, which BatchNorm projects out; the
+normalization lags behind (Ioffe & Szegedy 2015, §2) and training failed (small-batch
+study: about 40% against BN's 98% on digits, at both batch sizes).
 Then B_t's (detached) statistics are pushed as the newest memory entry. After the optimizer
 step, ``normsurgeon.after_step(model, inputs)`` re-runs B_t without gradients under the updated
 weights ("double forward"); this layer then *overwrites* the newest entry with B_t's statistics
@@ -26,10 +34,13 @@ E[x²], which cancels badly in float32); the weights decay^j with default ``deca
 (uniform) and ignore batch sizes; ``memory`` counts the current batch (k = 1 is BN); the
 training forward stores a provisional entry that the refresh replaces (so a loop without the
 hook degrades to averaging stale statistics, and is warned about); ``momentum`` is unused
-(kept for ``_BatchNorm`` compatibility); ``reset_running_stats()`` also empties the memory, so
-recalibration (``normsurgeon.recalibrate_bn``, train-mode forwards) refills it with the last k
-batches under the current weights; a layer converted from a pretrained BatchNorm starts with all
-k entries at the running statistics (eval-mode function preserving).
+(kept for ``_BatchNorm`` compatibility); the Batch-Renormalization gradient above;
+``reset_running_stats()`` also empties the memory; ``normsurgeon.recalibrate_bn`` fills *every*
+entry with the population statistics of its data under the current weights (the exact mean
+and biased variance of all its elements; ``begin_recalibration``/``end_recalibration``), so
+eval after recalibration normalizes with them; a layer converted from a pretrained BatchNorm
+starts with all k entries at the running statistics (eval-preserving), one converted from a
+BatchNorm that never saw a batch (``num_batches_tracked`` = 0) with an empty memory.
 """
 from __future__ import annotations
 
@@ -66,6 +77,7 @@ class MemorizedBatchNorm(StepHookClient, BatchNorm):
         self.register_buffer("memory_var", torch.ones(memory, num_features))
         self.register_buffer("memory_valid", torch.zeros(memory))
         self.refreshing = False
+        self._recalibration: dict | None = None  # accumulators while recalibrate_bn runs
 
     # -- state --------------------------------------------------------------------------------
     def reset_running_stats(self) -> None:
@@ -125,6 +137,43 @@ class MemorizedBatchNorm(StepHookClient, BatchNorm):
         self.memory_valid[0] = 1.0
         self._mirror()
 
+    # -- recalibration protocol (normsurgeon.recalibrate_bn) ----------------------------------
+    @torch.no_grad()
+    def begin_recalibration(self) -> None:
+        """Accumulate the statistics of the training forwards until ``end_recalibration``.
+
+        The forwards normalize as in training (pooled with the memory, which slides over the
+        recalibration batches); only the accumulated population statistics are kept at the end.
+        """
+        zeros = torch.zeros(self.num_features, dtype=torch.float64, device=self.memory_mean.device)
+        self._recalibration = {"n": 0, "sum": zeros, "sum_sq": zeros.clone(),
+                               "saved": [b.clone() for b in self._recalibrated_buffers()]}
+
+    @torch.no_grad()
+    def end_recalibration(self, completed: bool = True) -> None:
+        """Every memory entry ← the accumulated (mean, biased variance); the previous state when
+        the layer saw no batch or ``completed`` is False (an error stopped the recalibration)."""
+        acc, self._recalibration = self._recalibration, None
+        if acc is None:
+            return
+        if not completed or acc["n"] == 0:
+            for buf, value in zip(self._recalibrated_buffers(), acc["saved"]):
+                buf.copy_(value)
+            return
+        mean = acc["sum"] / acc["n"]
+        var = (acc["sum_sq"] / acc["n"] - mean.square()).clamp_min(0)
+        self.seed_memory(mean.to(self.memory_mean.dtype), var.to(self.memory_var.dtype))
+
+    def _recalibrated_buffers(self) -> tuple[torch.Tensor, ...]:
+        return (self.memory_mean, self.memory_var, self.memory_valid, self.running_mean, self.running_var)
+
+    @torch.no_grad()
+    def _accumulate(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        acc, mean = self._recalibration, mean.double()
+        acc["sum"] += count * mean
+        acc["sum_sq"] += count * (var.double() + mean.square())
+        acc["n"] += count
+
     # -- step hook protocol -------------------------------------------------------------------
     def after_optimizer_step(self) -> None:
         self._note_step()
@@ -151,26 +200,34 @@ class MemorizedBatchNorm(StepHookClient, BatchNorm):
         self._note_training_forward()
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
+        var_t, mean_t = torch.var_mean(work, dim=dims, unbiased=False)
+        if self._recalibration is not None:
+            self._accumulate(mean_t.detach(), var_t.detach(), x.shape[0] * elements_per_channel(x))
         if self.memory == 1:
             out = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-            with torch.no_grad():
-                var_t, mean_t = torch.var_mean(work, dim=dims, unbiased=False)
-            self._push(mean_t, var_t)
+            self._push(mean_t.detach(), var_t.detach())
             return out
-        var_t, mean_t = torch.var_mean(work, dim=dims, unbiased=False)
-        past = slice(0, self.memory - 1)  # the k − 1 newest entries play j = 1..k−1
-        valid = torch.cat([self.memory_valid.new_ones(1), self.memory_valid[past]]).to(work.dtype)
-        w = self._weights(valid)
-        w = (w / w.sum()).unsqueeze(1)
-        past_mean = self.memory_mean[past].to(work.dtype)
-        past_var = self.memory_var[past].to(work.dtype)
-        mean = w[0] * mean_t + (w[1:] * past_mean).sum(0)
-        var = w[0] * var_t + (w[1:] * past_var).sum(0) \
-            + w[0] * (mean_t - mean).square() + (w[1:] * (past_mean - mean).square()).sum(0)
-        scale = torch.rsqrt(var + self.eps)
+        with torch.no_grad():
+            past = slice(0, self.memory - 1)  # the k − 1 newest entries play j = 1..k−1
+            valid = torch.cat([self.memory_valid.new_ones(1), self.memory_valid[past]]).to(work.dtype)
+            w = self._weights(valid)
+            w = (w / w.sum()).unsqueeze(1)
+            means = torch.cat([mean_t.unsqueeze(0), self.memory_mean[past].to(work.dtype)])
+            variances = torch.cat([var_t.unsqueeze(0), self.memory_var[past].to(work.dtype)])
+            mean = (w * means).sum(0)
+            var = (w * variances).sum(0) + (w * (means - mean).square()).sum(0)
+            inv = torch.rsqrt(var + self.eps)
+        # Value γ (x − μ̄)/σ̄ + β; gradient BatchNorm's through (μ_0, σ_0) (module doc, "Gradient"):
+        # y = γ ((x − μ_0)/σ_0 · r + d) + β with r = σ_0/σ̄ and d = (μ_0 − μ̄)/σ̄ constants.
+        inv_t = torch.rsqrt(var_t + self.eps)
+        r = (inv / inv_t).detach()
+        d = (mean_t.detach() - mean) * inv
+        scale = inv_t * r
+        shift = d - mean_t * scale
         if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mean * scale if self.bias is None else self.bias - mean * scale
+            scale, shift = scale * self.weight, shift * self.weight
+        if self.bias is not None:
+            shift = shift + self.bias
         view = (1, -1) + (1,) * (x.ndim - 2)
         out = torch.addcmul(shift.view(view), work, scale.view(view)).to(x.dtype)
         self._push(mean_t.detach(), var_t.detach())

@@ -92,9 +92,16 @@ def build_mbn(source: SourceNorm, site: SiteInfo, options: dict):
         decay=decay, channels_last=source.channels_last, act=source.act, drop=source.drop)
     t = Transfer(source, module).affine().statistics()
     has_stats = source.kind in ("batch", "frozen_batch") and source.has_statistics
-    if has_stats:
+    untrained = source.num_batches_tracked is not None and int(source.num_batches_tracked) == 0
+    if has_stats and not untrained:
         module.seed_memory(module.running_mean.clone(), module.running_var.clone())
         t.note(f"all {memory} memory entries start at the running statistics")
+    elif has_stats:
+        # A BatchNorm that never saw a batch holds its initial (0, 1), not data: seeding the memory
+        # with it would pool (0, 1) into the first k − 1 training batches. Eval is unchanged (an
+        # empty memory leaves running_mean/var at the source's values).
+        t.note("empty memory: the source BatchNorm never saw a batch (num_batches_tracked = 0); the "
+               "first training batches fill it")
     else:
         t.note("empty memory: the first training batch fills it (calibrate or train before eval)")
     t.note(f"memory of {memory} batches, weights decay^j with decay={decay}; {HOOK_NOTE} (double forward)")

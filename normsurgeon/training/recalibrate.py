@@ -13,6 +13,11 @@ that no batch reached keeps its statistics). Statistics a layer did not see at a
 head that the forward skips) are kept too. Every other buffer of the model (cross-iteration
 memories, counters of stateful layers) is restored afterwards, and train/eval flags are
 restored.
+
+A layer whose running statistics are derived from other state (Memorized BN mirrors its
+memory into them) implements ``begin_recalibration()`` and ``end_recalibration(completed)``:
+it accumulates its own population statistics over the forwards in between and owns all its
+buffers (they are not restored here).
 """
 from __future__ import annotations
 
@@ -48,12 +53,17 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
     if not layers:
         raise ValueError("recalibrate_bn: the model has no layer with running statistics (running_mean, "
                          "running_var, momentum); nothing to recalibrate")
+    protocol = [m for m in layers if callable(getattr(m, "begin_recalibration", None))
+                and callable(getattr(m, "end_recalibration", None))]
     owned = {id(b) for m in layers for name, b in m.named_buffers(recurse=False)
              if name in ("running_mean", "running_var", "num_batches_tracked")}
+    owned |= {id(b) for m in protocol for b in m.buffers(recurse=False)}
     others = [(b, b.clone()) for b in model.buffers() if id(b) not in owned]
     before = [(m, m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in layers]
     flags = training_flags(model)
     route, device = _router(model), device_of(model)
+    for m in protocol:
+        m.begin_recalibration()  # snapshots its state before the reset below
     for m in layers:
         m.running_mean.zero_()
         m.running_var.fill_(1.0)
@@ -61,6 +71,7 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
             m.num_batches_tracked.zero_()
         m.momentum = None
     model.train()
+    completed = False
     try:
         if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
             raise ValueError(f"recalibrate_bn: num_batches must be a positive int or None, got {num_batches!r}")
@@ -76,8 +87,11 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
             count += 1
         if count == 0:
             raise ValueError("recalibrate_bn: data is empty (no batch)")
+        completed = True
     finally:
         restore_training_flags(flags)
+        for m in protocol:
+            m.end_recalibration(completed)
         for m, mean, var, momentum in before:
             m.momentum = momentum
             seen = getattr(m, "num_batches_tracked", None)
