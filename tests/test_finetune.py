@@ -192,3 +192,29 @@ def test_time_budget_stops_early():
     last = max(r["step"] for r in history)
     assert 0 < last < 10_000
     assert "max_seconds" in history[-1]["stopped"]
+
+
+def test_feature_distillation_pulls_every_site_towards_the_teacher():
+    from normsurgeon.diagnostics.hooks import attach_preactivation_hooks
+
+    teacher, student = teacher_and_student()
+    held_out = images(64, seed=9)
+
+    def site_errors(model):
+        seen = {}
+        for m, store in ((teacher, "t"), (model, "s")):
+            hs = attach_preactivation_hooks(m, lambda n, z, store=store: seen.__setitem__((store, n), z.clone()))
+            with torch.no_grad():
+                m.eval()(held_out)
+            for h in hs:
+                h.remove()
+        names = sorted(n for kind, n in seen if kind == "t")
+        return [float(((seen["s", n] - seen["t", n]) ** 2).mean()) for n in names]
+
+    before = site_errors(student)
+    ns.finetune(student, images(256, seed=1), teacher=teacher, steps=40, lr=3e-3, optimizer="adamw",
+                batch_size=32, feature_weight=1.0, progress=False)
+    after = site_errors(student)
+    assert len(before) == 2 and all(a < b for a, b in zip(after, before)), (before, after)
+    with pytest.raises(ValueError, match="feature_weight"):
+        ns.finetune(student, images(8, seed=1), steps=1, batch_size=8, loss="labels", feature_weight=1.0)
