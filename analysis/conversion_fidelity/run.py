@@ -44,7 +44,7 @@ def measure(model, original, sets) -> dict:
     return row
 
 
-def run_target(to: str, minutes: list[float], out: Path) -> None:
+def run_target(to: str, minutes: list[float], out: Path, lr: float = LR, feature_weight: float = 0.0) -> None:
     torch.manual_seed(0)
     original = zoo.efficientnet_lite0()
     sets = {"same_photos": PhotoCrops(TRAIN_PHOTOS, 96, SIZE, seed=3).batch(),
@@ -53,7 +53,8 @@ def run_target(to: str, minutes: list[float], out: Path) -> None:
     train = PhotoCrops(TRAIN_PHOTOS, 1_000_000, SIZE, seed=10)
 
     def write(stage: str, model, **extra) -> None:
-        row = {"target": to, "stage": stage, **extra, **measure(model, original, sets)}
+        row = {"target": to, "recipe": f"adamw lr={lr:g}" + (f" features={feature_weight:g}" if feature_weight else ""),
+               "stage": stage, **extra, **measure(model, original, sets)}
         new = not out.exists()
         with open(out, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(row))
@@ -68,7 +69,8 @@ def run_target(to: str, minutes: list[float], out: Path) -> None:
     write("calibrate", calibrated, cpu_minutes=0, steps=0)
     with tempfile.TemporaryDirectory() as ckpt:
         for minute in minutes:
-            history = ns.finetune(calibrated, train, teacher=original, steps=1_000_000, lr=LR, optimizer="adamw",
+            history = ns.finetune(calibrated, train, teacher=original, steps=1_000_000, lr=lr, optimizer="adamw",
+                                  feature_weight=feature_weight,
                                   batch_size=BATCH, scheduler="constant", warmup_steps=20, checkpoint_dir=ckpt,
                                   checkpoint_every=1000, max_seconds=60 * minute, clock="cpu", progress=False,
                                   log_every=5)
@@ -83,13 +85,15 @@ def main() -> None:
     parser.add_argument("--minutes", nargs="+", type=float, default=[1, 5, 10])
     parser.add_argument("--out", default=str(HERE / "results.csv"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=LR)
+    parser.add_argument("--feature-weight", type=float, default=0.0, help="finetune's feature_weight")
     parser.add_argument("--plot", action="store_true", help="only draw the figure and table from --out")
     args = parser.parse_args()
     if not args.plot:
         torch.set_num_threads(args.threads)
         start = time.process_time()
         for to in args.targets:
-            run_target(to, args.minutes, Path(args.out))
+            run_target(to, args.minutes, Path(args.out), args.lr, args.feature_weight)
         print(f"total CPU time {(time.process_time() - start) / 60:.1f} min")
         return
     from plot import plot
