@@ -299,6 +299,7 @@ def test_demo_runs_every_stage(capsys, tmp_path):
         assert f"\n   {stage} " in table, stage
     assert "agree same" in table and "KL new" in table
     assert "still far from the original" in out and "analysis/conversion_fidelity/" in out
+    assert "to='proxy_gn' is not function-preserving" in out
     assert (tmp_path / "demo" / "report.html").is_file() and (tmp_path / "demo" / "report.json").is_file()
     assert "finetune:" in err  # the progress display
 
