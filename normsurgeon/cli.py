@@ -652,7 +652,7 @@ def cmd_demo(args) -> int:
     if any(r.exact in (None, "no") for r in converted.normsurgeon_report.converted):  # else "eval", "train+eval"
         why = (f"to={args.to!r} is not function-preserving from BatchNorm; recovering the original takes far "
                f"more data and training than a few CPU minutes on a dozen photos. ")
-    _out(_wrap(f"Measured on this machine, in this run: after {cpu / 60:.1f} CPU minutes ({steps} steps) the "
+    _out(_wrap(f"Measured on this machine, in this run: after {cpu / 60:.2f} CPU minutes ({steps} step{'s' * (steps != 1)}) the "
                f"fine-tuned model agrees with the original's top-1 on {same:.0%} of new crops of the training "
                f"photos and {new:.0%} of crops of photos it never saw: {verdict}. {why}The study analysis/conversion_fidelity/ has 1, 5 and 10 CPU-minute "
                f"runs of every target with this recipe. The same pipeline on your model and images:"))
