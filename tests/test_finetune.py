@@ -218,3 +218,20 @@ def test_feature_distillation_pulls_every_site_towards_the_teacher():
     assert len(before) == 2 and all(a < b for a, b in zip(after, before)), (before, after)
     with pytest.raises(ValueError, match="feature_weight"):
         ns.finetune(student, images(8, seed=1), steps=1, batch_size=8, loss="labels", feature_weight=1.0)
+
+
+def test_batches_with_a_domain_are_routed_to_dsbn_layers():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model = ns.convert(base, to="dsbn", domains=["a", "b", "c"])
+    x = images(32, seed=2)
+    y = torch.randint(0, 3, (32,))
+    d = torch.tensor([0] * 16 + [2] * 16)  # domains a and c only; a DataLoader would give (x, y, d)
+    before = model[1].running_mean.clone()
+    ns.finetune(model, (x, y, d), steps=4, batch_size=8, loss="labels", lr=0.01, progress=False, seed=1)
+    after = model[1].running_mean
+    assert not torch.equal(after[0], before[0]) and not torch.equal(after[2], before[2])
+    assert torch.equal(after[1], before[1])  # domain b saw no batch
+    with pytest.raises(Exception, match="domain"):
+        ns.finetune(model, (x, y), steps=1, batch_size=8, loss="labels", progress=False)
