@@ -18,6 +18,9 @@ the source domains. DSBN: convert(cnn, to="dsbn", domains=sources), domain-pure 
 Evaluation on the held-out domain:
   bn           the plain BN model
   bne          DSBN + BNEnsemble (softmax outputs weighted by the BNE mixture weights)
+  bne_fitted   the same, with embeddings calibrated on the source training digits
+               (BNEnsemble.fit_embeddings: per-domain mean and covariance of per-image statistics,
+               Mahalanobis distance)
   uniform      DSBN, softmax outputs averaged with equal weights
   best_source  DSBN through the one source domain that scores best on the held-out domain,
                chosen in hindsight with the labels (an upper bound for picking one source domain)
@@ -60,7 +63,7 @@ DOMAINS = MILD_DOMAINS
 SIZE = 24
 SEEDS = (0, 1, 2)
 EPOCHS, BATCH, LR = 8, 64, 3e-3
-METHODS = ("bn", "bne", "uniform", "best_source", "oracle", "bn_target")
+METHODS = ("bn", "bne", "bne_fitted", "uniform", "best_source", "oracle", "bn_target")
 
 
 def cnn() -> nn.Sequential:
@@ -150,6 +153,9 @@ def one_fold(images, labels, train_idx, test_idx, target, seed):
         rows.append(("bn", accuracy(bn(xt), yt)))
         probs, w = ns.BNEnsemble(dsbn, combine="probabilities")(xt, return_weights=True)
         rows.append(("bne", accuracy(probs, yt)))
+        fitted = ns.BNEnsemble(dsbn, combine="probabilities").fit_embeddings(
+            [src[k, train_idx] for k in range(len(sources))])  # the calibrated embeddings (Mahalanobis rule)
+        rows.append(("bne_fitted", accuracy(fitted(xt), yt)))
         per_domain = []
         for k in range(len(sources)):
             with ns.domain(dsbn, k):
@@ -171,7 +177,8 @@ def one_fold(images, labels, train_idx, test_idx, target, seed):
         _, ws = ns.BNEnsemble(dsbn)(xs, return_weights=True)
         dist = per_layer_distances(dsbn, xs)
         assert torch.allclose(mixture_weights(dist), ws, atol=1e-5)
-        recognized = {"all": (ws.argmax(1) == truth).float()}
+        recognized = {"all": (ws.argmax(1) == truth).float(),
+                      "all_fitted": (fitted(xs, return_weights=True)[1].argmax(1) == truth).float()}
         for layer in range(dist.shape[0]):
             recognized[f"layer{layer + 1}"] = (dist[layer].argmin(1) == truth).float()
     results = [dict(seed=seed, target=target, method=m, accuracy=a) for m, a in rows]
