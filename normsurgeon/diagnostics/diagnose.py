@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..model_state import device_of, restore_training_flags, training_flags
 from .recorder import LayerStatistics, Recorder
 from .report import DiagnosticsReport
 
@@ -56,14 +57,6 @@ def _as_tensor(data) -> torch.Tensor:
     return x
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
             if isinstance(v, torch.Tensor)}
@@ -82,7 +75,7 @@ def _restore_if_changed(model: nn.Module, snap: dict[str, torch.Tensor], what: s
 
 
 def _record(model: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[list[LayerStatistics], dict[str, int]]:
-    device = _device_of(model)
+    device = device_of(model)
     with Recorder(model) as rec, torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
             model(x[start:start + batch_size].to(device))
@@ -170,15 +163,6 @@ def _batch_frame(model, x, batch_sizes, population, max_batches, generator, note
     return frame
 
 
-def _module_flags(model: nn.Module) -> dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
-
-
-def _restore_flags(flags: dict[nn.Module, bool]) -> None:
-    for m, training in flags.items():
-        m.training = training
-
-
 def diagnose(model: nn.Module, data, *, batch_sizes: Sequence[int] | None = None,
              reference: nn.Module | None = None, batch_size: int = 16, max_batches: int = 64,
              generator: torch.Generator | None = None) -> DiagnosticsReport:
@@ -210,7 +194,7 @@ def diagnose(model: nn.Module, data, *, batch_sizes: Sequence[int] | None = None
 
     notes: list[str] = []
     models = [model] + ([reference] if reference is not None and reference is not model else [])
-    flags = [_module_flags(m) for m in models]
+    flags = [training_flags(m) for m in models]
     snaps = [_snapshot(m) for m in models]
     try:
         for m in models:
@@ -230,10 +214,10 @@ def diagnose(model: nn.Module, data, *, batch_sizes: Sequence[int] | None = None
             bn_sites = _batch_norm_sites(model, [s.name for s in stats])
             population = {s.name: (s.mean, s.var) for s in stats if s.name in bn_sites}
             model.eval()
-            batch = _batch_frame(model, x.to(_device_of(model)), batch_sizes, population, max_batches, generator, notes)
+            batch = _batch_frame(model, x.to(device_of(model)), batch_sizes, population, max_batches, generator, notes)
     finally:
         for m, f in zip(models, flags):
-            _restore_flags(f)
+            restore_training_flags(f)
         for m, snap, what in zip(models, snaps, ("model", "reference")):
             _restore_if_changed(m, snap, what)
 

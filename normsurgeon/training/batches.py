@@ -1,4 +1,4 @@
-"""Reading user data as batches of model inputs, and small model-state helpers.
+"""Reading user data as batches of model inputs.
 
 Data may be a tensor (one batch), or an iterable of tensors, of (x, y, ...) tuples/lists (x is
 taken), or of dicts with an ``"input"`` key. Every batch is checked: batched, finite.
@@ -9,7 +9,6 @@ import itertools
 from typing import Iterable, Iterator
 
 import torch
-from torch import nn
 
 
 def first_tensor(batch, what: str) -> torch.Tensor:
@@ -52,19 +51,3 @@ def input_batches(data, num_batches: int | None, what: str) -> Iterator[torch.Te
         yield x
     if count == 0:
         raise ValueError(f"{what}: data is empty (no batch with at least one sample)")
-
-
-def device_of(model: nn.Module) -> torch.device:
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def training_flags(model: nn.Module) -> dict[nn.Module, bool]:
-    """Every module's ``training`` flag, to restore with :func:`restore_training_flags`."""
-    return {m: m.training for m in model.modules()}
-
-
-def restore_training_flags(flags: dict[nn.Module, bool]) -> None:
-    for m, training in flags.items():
-        m.training = training

@@ -24,7 +24,8 @@ from torch import nn
 
 from ..diagnostics.hooks import as_ncs, attach_preactivation_hooks
 from ..surgery.sites import find_sites
-from .batches import device_of, input_batches, restore_training_flags, training_flags
+from ..model_state import device_of, restore_training_flags, training_flags
+from .batches import input_batches
 
 
 METHODS = ("moments", "lsq")

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..progress import Progress
-from .batches import check_inputs, device_of
+from ..model_state import device_of
+from .batches import check_inputs
 from .checkpoint import load_checkpoint, mismatch, model_fingerprint, rng_state, save_checkpoint, set_rng_state
 from .data_order import DataOrder
 from .feature_distillation import FeatureMatcher

@@ -27,7 +27,8 @@ import itertools
 import torch
 from torch import nn
 
-from .batches import check_inputs, device_of, restore_training_flags, training_flags
+from ..model_state import buffers_restored, device_of, restore_training_flags, training_flags
+from .batches import check_inputs
 from .finetune import _router, split_batch
 
 
@@ -58,47 +59,45 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
     owned = {id(b) for m in layers for name, b in m.named_buffers(recurse=False)
              if name in ("running_mean", "running_var", "num_batches_tracked")}
     owned |= {id(b) for m in protocol for b in m.buffers(recurse=False)}
-    others = [(b, b.clone()) for b in model.buffers() if id(b) not in owned]
     before = [(m, m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in layers]
     flags = training_flags(model)
     route, device = _router(model), device_of(model)
-    for m in protocol:
-        m.begin_recalibration()  # snapshots its state before the reset below
-    for m in layers:
-        m.running_mean.zero_()
-        m.running_var.fill_(1.0)
-        if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor):
-            m.num_batches_tracked.zero_()
-        m.momentum = None
-    model.train()
-    completed = False
-    try:
-        if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-            raise ValueError(f"recalibrate_bn: num_batches must be a positive int or None, got {num_batches!r}")
-        count = 0
-        for batch in itertools.islice([data] if isinstance(data, torch.Tensor) else data, num_batches):
-            x, _, d = split_batch(batch)
-            x = check_inputs(x, "recalibrate_bn")
-            if x.shape[0] < 2:
-                raise ValueError(f"recalibrate_bn: a batch of {x.shape[0]} sample; batch statistics need ≥ 2 "
-                                 f"samples per batch")
-            with route(d):
-                model(x.to(device))
-            count += 1
-        if count == 0:
-            raise ValueError("recalibrate_bn: data is empty (no batch)")
-        completed = True
-    finally:
-        restore_training_flags(flags)
+    with buffers_restored(model, owned):  # cross-iteration windows, counters: as they were
         for m in protocol:
-            m.end_recalibration(completed)
-        for m, mean, var, momentum in before:
-            m.momentum = momentum
-            seen = getattr(m, "num_batches_tracked", None)
-            if isinstance(seen, torch.Tensor):
-                unseen = (seen == 0).view(-1, *([1] * (mean.ndim - 1))) if seen.ndim else (seen == 0)
-                m.running_mean.copy_(torch.where(unseen, mean, m.running_mean))
-                m.running_var.copy_(torch.where(unseen, var, m.running_var))
-        for b, value in others:
-            b.copy_(value)
+            m.begin_recalibration()  # snapshots its state before the reset below
+        for m in layers:
+            m.running_mean.zero_()
+            m.running_var.fill_(1.0)
+            if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor):
+                m.num_batches_tracked.zero_()
+            m.momentum = None
+        model.train()
+        completed = False
+        try:
+            if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+                raise ValueError(f"recalibrate_bn: num_batches must be a positive int or None, got {num_batches!r}")
+            count = 0
+            for batch in itertools.islice([data] if isinstance(data, torch.Tensor) else data, num_batches):
+                x, _, d = split_batch(batch)
+                x = check_inputs(x, "recalibrate_bn")
+                if x.shape[0] < 2:
+                    raise ValueError(f"recalibrate_bn: a batch of {x.shape[0]} sample; batch statistics need ≥ 2 "
+                                     f"samples per batch")
+                with route(d):
+                    model(x.to(device))
+                count += 1
+            if count == 0:
+                raise ValueError("recalibrate_bn: data is empty (no batch)")
+            completed = True
+        finally:
+            restore_training_flags(flags)
+            for m in protocol:
+                m.end_recalibration(completed)
+            for m, mean, var, momentum in before:
+                m.momentum = momentum
+                seen = getattr(m, "num_batches_tracked", None)
+                if isinstance(seen, torch.Tensor):
+                    unseen = (seen == 0).view(-1, *([1] * (mean.ndim - 1))) if seen.ndim else (seen == 0)
+                    m.running_mean.copy_(torch.where(unseen, mean, m.running_mean))
+                    m.running_var.copy_(torch.where(unseen, var, m.running_var))
     return model

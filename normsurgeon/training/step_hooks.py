@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model_state import buffers_restored
+
 
 def stateful_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every layer that implements the step-hook protocol."""
@@ -64,15 +66,11 @@ def after_step(model: nn.Module, inputs: Any = None) -> None:
 def _refresh_forward(model: nn.Module, refreshing: list[nn.Module], inputs: Any) -> None:
     """No-grad forward with ``refreshing`` layers flagged; every other buffer is restored."""
     owned = {id(b) for m in refreshing for b in m.buffers()}
-    saved = [(b, b.clone()) for b in model.buffers() if id(b) not in owned]
     for m in refreshing:
         m.refreshing = True
     try:
-        with torch.no_grad():
+        with buffers_restored(model, owned), torch.no_grad():
             model(*inputs) if isinstance(inputs, tuple) else model(inputs)
     finally:
         for m in refreshing:
             m.refreshing = False
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
