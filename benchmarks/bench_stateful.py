@@ -53,13 +53,20 @@ def autograd_statistics(conv: nn.Conv2d, y: torch.Tensor, mean: torch.Tensor, va
 class AutogradCBN(CrossIterationBatchNorm):
     """CBN whose stored derivatives come from autograd passes (the baseline)."""
 
-    def _push(self, conv, conv_input, y, mean, var):
+    def _normalize(self, x):
+        self._conv_output = x  # the graph node the autograd passes differentiate
+        try:
+            return super()._normalize(x)
+        finally:
+            self._conv_output = None
+
+    def _push(self, conv, conv_input, centered, mean, var):
         import normsurgeon.layers.cross_iteration_bn as cib
-        stats = autograd_statistics(conv, y, mean, var)
+        stats = autograd_statistics(conv, self._conv_output, mean, var)
         original = cib.conv_statistics
         cib.conv_statistics = lambda *a, **k: stats
         try:
-            super()._push(conv, conv_input, y, mean, var)
+            super()._push(conv, conv_input, centered, mean, var)
         finally:
             cib.conv_statistics = original
 

@@ -21,6 +21,7 @@ from normsurgeon.layers._conv_statistics import conv_statistics
 CONVS = {
     "normal": dict(in_channels=6, out_channels=8, kernel_size=3, padding=1),
     "strided": dict(in_channels=6, out_channels=8, kernel_size=3, stride=2, padding=1),
+    "dilated": dict(in_channels=6, out_channels=8, kernel_size=3, stride=2, padding=3, dilation=2),
     "grouped": dict(in_channels=6, out_channels=9, kernel_size=3, padding=2, dilation=2, groups=3),
     "depthwise": dict(in_channels=6, out_channels=6, kernel_size=5, stride=2, padding=2, groups=6),
     "pointwise": dict(in_channels=6, out_channels=4, kernel_size=1),
@@ -36,14 +37,15 @@ def _fresh_warnings():
     _stateful._WARNED.clear()
 
 
+@pytest.mark.parametrize("size", [(11, 9), (5, 4)])  # small outputs take the swapped-conv route on CPU
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("kind", list(CONVS))
-def test_analytic_derivatives_equal_autograd(kind, bias):
+def test_analytic_derivatives_equal_autograd(kind, bias, size):
     torch.manual_seed(0)
     conv = nn.Conv2d(bias=bias, **CONVS[kind]).double()
     with torch.no_grad():
         conv.weight.add_(0.3)  # a non-zero mean output, so the μ terms matter
-    x = torch.randn(3, 6, 11, 9, dtype=torch.float64) + 0.5
+    x = torch.randn(3, 6, *size, dtype=torch.float64) + 0.5
     y = conv(x)
     mean, second = y.mean((0, 2, 3)), y.square().mean((0, 2, 3))
     var = y.var((0, 2, 3), unbiased=False)
@@ -143,6 +145,35 @@ def test_cbn_forward_is_the_pooled_formula():
     expected = (y - mu_bar.view(1, -1, 1, 1)) / torch.sqrt(var_bar.view(1, -1, 1, 1) + cbn.eps)
     expected = expected * cbn.weight.view(1, -1, 1, 1) + cbn.bias.view(1, -1, 1, 1)
     assert torch.allclose(out, expected, atol=1e-10)
+
+
+def test_cbn_gradient_is_the_pooled_formula_through_the_current_batch():
+    """The layer's closed-form backward equals autograd through the paper's formula, with the
+    current batch's μ, ν differentiable and the past entries constant (float64)."""
+    model = _conv_cbn(window=4, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64) for _ in range(4)]
+    _train(model, batches[:3])
+    conv, cbn = model[0], model[1]
+    mean_p, var_p, _ = cbn.past_statistics(conv.weight, conv.bias)
+    model.zero_grad()
+    y = conv(batches[3])
+    y.retain_grad()
+    upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    (cbn(y) * upstream).sum().backward()
+    got = [y.grad.clone(), cbn.weight.grad.clone(), cbn.bias.grad.clone()]
+
+    leaf = y.detach().requires_grad_()
+    gamma, beta = cbn.weight.detach().clone().requires_grad_(), cbn.bias.detach().clone().requires_grad_()
+    m = torch.cat([leaf.mean((0, 2, 3))[None], mean_p])
+    nu = torch.cat([(leaf * leaf).mean((0, 2, 3))[None], var_p + mean_p.square()])
+    mu_bar = m.mean(0)
+    var_bar = torch.maximum(nu, m.square()).mean(0) - mu_bar.square()
+    expected = (leaf - mu_bar.view(1, -1, 1, 1)) / torch.sqrt(var_bar.view(1, -1, 1, 1) + cbn.eps)
+    expected = expected * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+    (expected * upstream).sum().backward()
+    for a, b in zip(got, [leaf.grad, gamma.grad, beta.grad]):
+        assert torch.allclose(a, b, atol=1e-10), (a - b).abs().max()
 
 
 def _bn_twin(model):
@@ -250,7 +281,7 @@ def test_state_lives_in_buffers():
     assert torch.equal(twin(x), model(x))
     # overhead: k−1 entries of ∂σ²/∂W (|W|) and p̄ (Cin·kh·kw) plus (C,) vectors
     w = model[0].weight
-    floats = 2 * (w.numel() + w[0].numel() * 1 + 4 * 6 + 1)
+    floats = 2 * (w.numel() + w[0].numel() * 1 + 2 * 6 + 1)
     assert cbn.state_bytes() == floats * 4 + 2 * 8
 
 

@@ -23,6 +23,7 @@ dilation and groups. μ is exactly linear in (W, b), so its compensation has no 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,10 +91,31 @@ def mean_patch(geo: ConvGeometry, weight_shape: torch.Size, count: int, out_hw: 
     return conv2d_weight(summed, shape, ones, geo.stride, geo.padding, geo.dilation, groups).div_(count)
 
 
+_SMALL_OUTPUT = 36  # OH·OW at or below which the swapped forward conv is used on CPU
+
+
 def var_weight_grad(geo: ConvGeometry, centered: torch.Tensor, weight_shape: torch.Size, count: int) -> torch.Tensor:
-    """∂σ²_c/∂W_c of shape (C, Cin/G, kh, kw), from ``centered`` = y − μ (N, C, OH, OW)."""
-    return conv2d_weight(geo.input, tuple(weight_shape), centered, geo.stride, geo.padding,
-                         geo.dilation, geo.groups).mul_(2.0 / count)
+    """∂σ²_c/∂W_c of shape (C, Cin/G, kh, kw), from ``centered`` = y − μ (N, C, OH, OW).
+
+    On CPU, for a kh×kw > 1 kernel over a small output (OH·OW ≤ ``_SMALL_OUTPUT``, e.g. ResNet's
+    last stage), oneDNN's weight-gradient kernel is 2–3× slower than a forward conv of the same
+    FLOPs; there the same sum is taken as a forward conv with batch and channels swapped,
+    Σ_{n,m} x_pad[n, ci, s·m + d·k]·centered[n, c, m] = conv2d(xᵀ, centeredᵀ, stride=d, dilation=s)
+    (output cropped to kh×kw).
+    """
+    kh, kw = weight_shape[2:]
+    oh, ow = centered.shape[2:]
+    scale = 2.0 / count
+    scale_first = centered.numel() < math.prod(weight_shape)  # scale the smaller tensor
+    if scale_first:
+        centered = centered * scale
+    if (geo.groups == 1 and kh * kw > 1 and oh * ow <= _SMALL_OUTPUT and centered.device.type == "cpu"):
+        swapped = F.conv2d(geo.input.transpose(0, 1), centered.transpose(0, 1), None, geo.dilation,
+                           geo.padding, geo.stride)  # (Cin, C, ≥kh, ≥kw)
+        grad = swapped[:, :, :kh, :kw].transpose(0, 1)
+        return grad.contiguous() if scale_first else grad.mul(scale).contiguous()
+    grad = conv2d_weight(geo.input, tuple(weight_shape), centered, geo.stride, geo.padding, geo.dilation, geo.groups)
+    return grad if scale_first else grad.mul_(scale)
 
 
 @dataclass
@@ -121,18 +143,22 @@ class ConvStatistics:
 
 @torch.no_grad()
 def conv_statistics(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor,
-                    mean: torch.Tensor | None = None, var: torch.Tensor | None = None) -> ConvStatistics:
+                    mean: torch.Tensor | None = None, var: torch.Tensor | None = None,
+                    centered: bool = False) -> ConvStatistics:
     """Statistics of ``y = conv(x)`` and their analytic derivatives w.r.t. ``conv.weight``.
 
-    ``mean``/``var`` (C,) may be passed when already computed (e.g. detached from the forward).
+    ``mean``/``var`` (C,) may be passed when already computed (e.g. detached from the forward);
+    ``centered=True`` says ``y`` is already y − μ (then ``mean`` and ``var`` are required).
     """
     weight = conv.weight
     y = y.detach().to(weight.dtype)
     count = y.shape[0] * y.shape[2] * y.shape[3]
+    if centered and (mean is None or var is None):
+        raise ValueError("conv_statistics(centered=True) needs the mean and var of the uncentered output")
     if mean is None or var is None:
         var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
     mean, var = mean.detach().to(weight.dtype), var.detach().to(weight.dtype)
     geo = conv_geometry(conv, x.detach().to(weight.dtype))
     patch = mean_patch(geo, weight.shape, count, tuple(y.shape[2:]))
-    grad = var_weight_grad(geo, y - mean.view(1, -1, 1, 1), weight.shape, count)
+    grad = var_weight_grad(geo, y if centered else y - mean.view(1, -1, 1, 1), weight.shape, count)
     return ConvStatistics(mean, var, patch, grad)

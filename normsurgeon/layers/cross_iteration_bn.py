@@ -17,10 +17,13 @@ How it is computed here (numerically the same quantity, in a cancellation-free f
   θ (∂μ/∂b = 1, ∂σ²/∂b = 0).
 - Entries store μ and the central σ², and the compensation is applied to σ² directly:
   ν_comp − μ_comp² = σ² + ρ·∂σ²/∂W·ΔW − (ρΔμ)² exactly, so no E[y²] − μ² cancellation in float32.
-- No weight snapshot is stored: ∂μ·(W_t − W_i) = ⟨p̄_i, W_t⟩ − ⟨p̄_i, W_i⟩ and the second dot
-  product is a per-channel scalar taken when the entry is stored (likewise for σ²). Per past
-  entry: p̄ (Cin·kh·kw), ∂σ²/∂W (|W|), four (C,) vectors. With k = 4 that is ≈ 3·|W| + 3·Cin·kh·kw
-  floats per layer, against 9·|W| (past W, ∂μ/∂W, ∂ν/∂W) in the official code.
+- No weight snapshot is stored: the terms of the old weights are known in closed form. The conv
+  is linear, y_m = ⟨W_i, patch_m⟩ + b_i, so ⟨p̄_i, W_i⟩ + b_i = μ_i and, as Σ_m (y_m − μ_i) = 0,
+  ⟨∂σ²_i/∂W, W_i⟩ = (2/M) Σ_m (y_m − μ_i)(y_m − b_i) = 2σ²_i. Hence
+      Δμ_i = ⟨p̄_i, W_t⟩ + b_t − μ_i,     ∂σ²_i/∂W·(W_t − W_i) = ⟨∂σ²_i/∂W, W_t⟩ − 2σ²_i.
+  Per past entry: p̄ (Cin·kh·kw), ∂σ²/∂W (|W|), two (C,) vectors. With k = 4 that is
+  ≈ 3·|W| + 3·Cin·kh·kw floats per layer, against 9·|W| (past W, ∂μ/∂W, ∂ν/∂W) in the official
+  code; per step one pass over the window's ∂σ²/∂W (3·|W|) and no other weight-sized work.
 - The pooled variance is mean_i v_i + mean_i (μ_i − μ̄)² with v_i = max(σ²_i,comp, 0): the
   paper's clamp, never NaN (the official code drops entries instead and can divide by zero).
 - eps is inside the square root, as BatchNorm (the official default adds it outside).
@@ -111,7 +114,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         self.register_buffer("num_steps", torch.tensor(0, dtype=torch.long))
         self.register_buffer("past_head", torch.zeros(1, dtype=torch.long))  # next slot to write
         self.register_buffer("past_valid", torch.zeros(past))
-        for name in ("past_mean", "past_var", "past_mean_offset", "past_var_offset"):
+        for name in ("past_mean", "past_var"):
             self.register_buffer(name, torch.zeros(past, c))
         self.register_buffer("past_mean_patch", torch.zeros(past, groups, cin_g, kh, kw))
         self.register_buffer("past_var_grad", torch.zeros(past, c, cin_g, kh, kw))
@@ -164,37 +167,31 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         dot_mean = torch.einsum("gcl,pgl->pgc", w.reshape(g, c // g, -1),
                                 self.past_mean_patch.reshape(past, g, -1)).reshape(past, c)
         dot_var = torch.einsum("cl,pcl->pc", w.reshape(c, -1), self.past_var_grad.reshape(past, c, -1))
-        d_mean = dot_mean - self.past_mean_offset
+        d_mean = dot_mean - self.past_mean  # ⟨p̄_i, W⟩ + b − μ_i (module docstring)
         if bias is not None:
             d_mean += bias.detach().to(d_mean.dtype)
         d_mean *= rho
-        d_var = (dot_var - self.past_var_offset).mul_(rho) - d_mean * d_mean
+        d_var = (dot_var - 2 * self.past_var).mul_(rho) - d_mean * d_mean
         return self.past_mean + d_mean, (self.past_var + d_var).clamp_min_(0), self.past_valid.clone()
 
     @torch.no_grad()
-    def _push(self, conv: nn.Conv2d, conv_input: torch.Tensor, y: torch.Tensor,
+    def _push(self, conv: nn.Conv2d, conv_input: torch.Tensor, centered: torch.Tensor,
               mean: torch.Tensor, var: torch.Tensor) -> None:
-        """Store the current batch's statistics, derivatives and offsets in the ring."""
-        stats = conv_statistics(conv, conv_input, y, mean, var)
-        past, c, g = self.window - 1, self.num_features, self.groups
-        w = conv.weight.detach()
-        mean_offset = torch.einsum("gcl,gl->gc", w.reshape(g, c // g, -1), stats.mean_patch.reshape(g, -1)).reshape(c)
-        if conv.bias is not None:
-            mean_offset += conv.bias.detach()
-        var_offset = torch.einsum("cl,cl->c", w.reshape(c, -1), stats.var_grad.reshape(c, -1))
+        """Store the current batch's statistics and derivatives in the ring
+        (``centered`` = conv output − ``mean``)."""
+        stats = conv_statistics(conv, conv_input, centered, mean, var, centered=True)
         slot = self.past_head
         for name, value in (("past_mean", stats.mean), ("past_var", stats.var),
-                            ("past_mean_offset", mean_offset), ("past_var_offset", var_offset),
                             ("past_mean_patch", stats.mean_patch), ("past_var_grad", stats.var_grad)):
             buf = getattr(self, name)
             buf.index_copy_(0, slot, value.unsqueeze(0).to(buf.dtype))
         self.past_valid.index_fill_(0, slot, 1.0)
-        self.past_head.add_(1).remainder_(past)
+        self.past_head.add_(1).remainder_(self.window - 1)
 
     def state_bytes(self) -> int:
         """Bytes of cross-iteration state (the window and counters) held by this layer."""
-        names = ("num_steps", "past_head", "past_valid", "past_mean", "past_var", "past_mean_offset",
-                 "past_var_offset", "past_mean_patch", "past_var_grad")
+        names = ("num_steps", "past_head", "past_valid", "past_mean", "past_var", "past_mean_patch",
+                 "past_var_grad")
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     # -- forward ------------------------------------------------------------------------------
@@ -222,28 +219,75 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
                 f"from this forward. Call it right after its conv, on the conv's output (as "
                 f"normsurgeon.convert(model, to='cbn') wires it), or attach it with layer.attach(conv).")
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        var_t, mean_t = torch.var_mean(work, dim=(0, 2, 3), unbiased=False)
         if conv is not None:
             past_mean, past_var, valid = self.past_statistics(conv.weight, conv.bias)
         else:
             past_mean, past_var, valid = self.past_mean, self.past_var, self.past_valid
         past_mean, past_var, valid = (t.to(work.dtype) for t in (past_mean, past_var, valid))
-        valid = valid.unsqueeze(1)
-        n = 1 + valid.sum()
-        mean = (mean_t + (valid * past_mean).sum(0)) / n
-        var = (var_t + (valid * past_var).sum(0)) / n \
-            + ((mean_t - mean).square() + (valid * (past_mean - mean).square()).sum(0)) / n
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mean * scale if self.bias is None else self.bias - mean * scale
-        out = torch.addcmul(shift.view(1, -1, 1, 1), work, scale.view(1, -1, 1, 1)).to(x.dtype)
+        out, mean_t, var_t, centered = _WindowNorm.apply(work, self.weight, self.bias, past_mean, past_var, valid,
+                                                         self.eps)
+        out = out.to(x.dtype)
         factor = _running_factor(self, x)
-        _update_running(self, mean_t.detach(), var_t.detach(), count, factor)
+        _update_running(self, mean_t, var_t, count, factor)
         if conv is not None and torch.is_grad_enabled():
-            self._push(conv, conv_input, x, mean_t.detach(), var_t.detach())
+            self._push(conv, conv_input, centered, mean_t, var_t)
         return out
 
     def extra_repr(self) -> str:
         conv = f", conv={self.conv_name!r}" if self.conv_name else ""
         return super().extra_repr() + f", window={self.window}, burnin={self.burnin}, rho={self.rho}{conv}"
+
+
+class _WindowNorm(torch.autograd.Function):
+    """y = γ (x − μ̄)·s + β, s = (σ̄² + eps)^−½, with μ̄, σ̄² pooled from the current batch's μ_t, σ²_t
+    and the constant past entries (module docstring), and its backward in closed form.
+
+    Forward: μ_t, then the centered batch c = x − μ_t, σ²_t = mean(c²) (two plain reductions: on
+    CPU ``torch.var_mean`` over (N, H, W) is 3–10× slower), then y = γs·c + β + γs(μ_t − μ̄).
+    Backward: one ``native_batch_norm_backward`` in eval form on c (g·γs, Σg·(x − μ̄)·s = ∂L/∂γ,
+    Σg = ∂L/∂β) and one addcmul for the terms through μ_t and σ²_t, instead of the autograd chain.
+    Returns (y, μ_t, σ²_t, c); the last three carry no gradient. c is handed on to the derivative
+    ∂σ²/∂W (``conv_statistics``), which needs exactly it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, past_mean, past_var, valid, eps):
+        mean_t = x.mean(dim=(0, 2, 3))
+        centered = x - mean_t.view(1, -1, 1, 1)
+        var_t = centered.square().mean(dim=(0, 2, 3))
+        valid = valid.unsqueeze(1)
+        n = 1 + valid.sum()
+        mean = (mean_t + (valid * past_mean).sum(0)) / n
+        var = (var_t + (valid * past_var).sum(0)) / n \
+            + ((mean_t - mean).square() + (valid * (past_mean - mean).square()).sum(0)) / n
+        scale = torch.rsqrt(var + eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = (mean_t - mean) * scale
+        if bias is not None:
+            shift = shift + bias
+        out = torch.addcmul(shift.view(1, -1, 1, 1), centered, scale.view(1, -1, 1, 1))
+        ctx.save_for_backward(centered, weight, mean_t - mean, var, n)
+        ctx.eps, ctx.has_bias = eps, bias is not None
+        ctx.mark_non_differentiable(mean_t, var_t, centered)
+        return out, mean_t, var_t, centered
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_var, _grad_centered):
+        centered, weight, offset, var, n = ctx.saved_tensors  # offset = μ_t − μ̄
+        grad = grad.contiguous()
+        # eval-form BatchNorm backward on c with "mean" μ̄ − μ_t (so c − (μ̄ − μ_t) = x − μ̄):
+        # g·γs, Σ g·(x − μ̄)·s (= ∂L/∂γ), Σ g (= ∂L/∂β)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad, centered, weight, -offset, var, None, None, False, ctx.eps, [True, True, True])
+        gamma = weight if weight is not None else torch.ones_like(var)
+        s = torch.rsqrt(var + ctx.eps)
+        d_mean = -gamma * s * grad_b                    # ∂L/∂μ̄
+        d_var = -0.5 * gamma * s * s * grad_w           # ∂L/∂σ̄²  (∂L/∂s = γ·Σg(x − μ̄) = γ·grad_w/s)
+        d_mean_t = (d_mean + 2 * offset * d_var) / n
+        d_var_t = d_var / n
+        count = centered.numel() // centered.shape[1]
+        # ∂L/∂x += (∂L/∂μ_t)/M + (∂L/∂σ²_t)·2(x − μ_t)/M
+        grad_x.addcmul_(centered, (2 * d_var_t / count).view(1, -1, 1, 1)).add_((d_mean_t / count).view(1, -1, 1, 1))
+        return (grad_x, grad_w if weight is not None and ctx.needs_input_grad[1] else None,
+                grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None, None)
