@@ -282,7 +282,11 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
     if teacher is not None:
         teacher_mode = teacher.training
         teacher.eval()
-    bar = Progress("finetune", total=steps, unit="step", initial=step, enabled=progress)
+    by_time = max_seconds is not None  # the bar counts the budget's clock, not the step cap
+    bar = (Progress("finetune", total=round(max_seconds), unit=f"{clock}-s", initial=round(clocks[clock]),
+                    enabled=progress) if by_time else
+           Progress("finetune", total=steps, unit="step", initial=step, enabled=progress))
+    shown = round(clocks[clock])
     window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
     out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
     try:
@@ -347,7 +351,13 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                            "lr": opt.param_groups[0]["lr"], "samples_per_s": window["samples"] / window["wall"],
                            "wall_s": clocks["wall"], "cpu_s": clocks["cpu"]}
                     history.append(row)
-                    bar.update(window["n"], loss=row["loss"], **{"img/s": f"{row['samples_per_s']:.1f}"})
+                    postfix = {"loss": row["loss"], "img/s": f"{row['samples_per_s']:.1f}"}
+                    if by_time:
+                        now = min(round(clocks[clock]), round(max_seconds))
+                        bar.update(now - shown, step=step, **postfix)
+                        shown = now
+                    else:
+                        bar.update(window["n"], **postfix)
                     window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
                 if eval_data is not None and eval_every and step % eval_every == 0 and step < steps and not out_of_time:
                     history.append({"step": step, **evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)})
