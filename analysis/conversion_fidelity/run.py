@@ -44,7 +44,8 @@ def measure(model, original, sets) -> dict:
     return row
 
 
-def run_target(to: str, minutes: list[float], out: Path, lr: float = LR, feature_weight: float = 0.0) -> None:
+def run_target(to: str, minutes: list[float], out: Path, lr: float = LR, feature_weight: float = 0.0,
+               scheduler: str = "constant", steps: int = 1_000_000) -> None:
     torch.manual_seed(0)
     original = zoo.efficientnet_lite0()
     sets = {"same_photos": PhotoCrops(TRAIN_PHOTOS, 96, SIZE, seed=3).batch(),
@@ -53,7 +54,8 @@ def run_target(to: str, minutes: list[float], out: Path, lr: float = LR, feature
     train = PhotoCrops(TRAIN_PHOTOS, 1_000_000, SIZE, seed=10)
 
     def write(stage: str, model, **extra) -> None:
-        row = {"target": to, "recipe": f"adamw lr={lr:g}" + (f" features={feature_weight:g}" if feature_weight else ""),
+        recipe = f"adamw lr={lr:g}" + (f" cosine over {steps} steps" if scheduler == "cosine" else "")
+        row = {"target": to, "recipe": recipe + (f" features={feature_weight:g}" if feature_weight else ""),
                "stage": stage, **extra, **measure(model, original, sets)}
         new = not out.exists()
         with open(out, "a", newline="") as f:
@@ -69,14 +71,14 @@ def run_target(to: str, minutes: list[float], out: Path, lr: float = LR, feature
     write("calibrate", calibrated, cpu_minutes=0, steps=0)
     with tempfile.TemporaryDirectory() as ckpt:
         for minute in minutes:
-            history = ns.finetune(calibrated, train, teacher=original, steps=1_000_000, lr=lr, optimizer="adamw",
+            history = ns.finetune(calibrated, train, teacher=original, steps=steps, lr=lr, optimizer="adamw",
                                   feature_weight=feature_weight,
-                                  batch_size=BATCH, scheduler="constant", warmup_steps=20, checkpoint_dir=ckpt,
+                                  batch_size=BATCH, scheduler=scheduler, warmup_steps=20, checkpoint_dir=ckpt,
                                   checkpoint_every=1000, max_seconds=60 * minute, clock="cpu", progress=False,
                                   log_every=5)
-            steps = history[-1]["step"]
+            done = history[-1]["step"]
             cpu = max(r.get("cpu_s", 0) for r in history)  # logged every 20 steps
-            write(f"distill {minute:g} min", calibrated, cpu_minutes=round(cpu / 60, 2), steps=steps)
+            write(f"distill {minute:g} min", calibrated, cpu_minutes=round(cpu / 60, 2), steps=done)
 
 
 def main() -> None:
@@ -87,13 +89,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lr", type=float, default=LR)
     parser.add_argument("--feature-weight", type=float, default=0.0, help="finetune's feature_weight")
+    parser.add_argument("--scheduler", choices=["constant", "cosine"], default="constant",
+                        help="cosine: decay to 0 over --steps (pick --steps to end inside the last budget)")
+    parser.add_argument("--steps", type=int, default=1_000_000, help="the schedule's length in steps")
     parser.add_argument("--plot", action="store_true", help="only draw the figure and table from --out")
     args = parser.parse_args()
     if not args.plot:
         torch.set_num_threads(args.threads)
         start = time.process_time()
         for to in args.targets:
-            run_target(to, args.minutes, Path(args.out), args.lr, args.feature_weight)
+            run_target(to, args.minutes, Path(args.out), args.lr, args.feature_weight, args.scheduler, args.steps)
         print(f"total CPU time {(time.process_time() - start) / 60:.1f} min")
         return
     from plot import plot

@@ -164,8 +164,9 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
             return self.past_mean.clone(), self.past_var.clone(), self.past_valid.clone()
         past, c, g = self.window - 1, self.num_features, self.groups
         w = weight.detach().to(self.past_mean.dtype)
-        dot_mean = torch.einsum("gcl,pgl->pgc", w.reshape(g, c // g, -1),
-                                self.past_mean_patch.reshape(past, g, -1)).reshape(past, c)
+        # ⟨p̄_i, W_c⟩ for every entry i and channel c: one (C/G, L) @ (L, k−1) product per group
+        dot_mean = torch.bmm(w.reshape(g, c // g, -1),
+                             self.past_mean_patch.reshape(past, g, -1).permute(1, 2, 0)).permute(2, 0, 1).reshape(past, c)
         dot_var = torch.einsum("cl,pcl->pc", w.reshape(c, -1), self.past_var_grad.reshape(past, c, -1))
         d_mean = dot_mean - self.past_mean  # ⟨p̄_i, W⟩ + b − μ_i (module docstring)
         if bias is not None:
