@@ -112,8 +112,8 @@ def var_weight_grad(geo: ConvGeometry, centered: torch.Tensor, weight_shape: tor
     if (geo.groups == 1 and kh * kw > 1 and oh * ow <= _SMALL_OUTPUT and centered.device.type == "cpu"):
         swapped = F.conv2d(geo.input.transpose(0, 1), centered.transpose(0, 1), None, geo.dilation,
                            geo.padding, geo.stride)  # (Cin, C, ≥kh, ≥kw)
-        grad = swapped[:, :, :kh, :kw].transpose(0, 1)
-        return grad.contiguous() if scale_first else grad.mul(scale).contiguous()
+        grad = swapped[:, :, :kh, :kw].transpose(0, 1)  # a strided view: callers copy it once anyway
+        return grad if scale_first else grad.mul(scale)
     grad = conv2d_weight(geo.input, tuple(weight_shape), centered, geo.stride, geo.padding, geo.dilation, geo.groups)
     return grad if scale_first else grad.mul_(scale)
 

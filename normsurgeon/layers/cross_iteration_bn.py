@@ -119,6 +119,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         self.register_buffer("past_mean_patch", torch.zeros(past, groups, cin_g, kh, kw))
         self.register_buffer("past_var_grad", torch.zeros(past, c, cin_g, kh, kw))
         self._steps = 0  # mirror of num_steps (read every forward without a device sync)
+        self._head = 0  # mirror of past_head
         self._tap = None
 
     # -- wiring -----------------------------------------------------------------------------
@@ -147,7 +148,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._steps = int(self.num_steps)
+        self._steps, self._head = int(self.num_steps), int(self.past_head)
 
     # -- statistics ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -181,13 +182,13 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         """Store the current batch's statistics and derivatives in the ring
         (``centered`` = conv output − ``mean``)."""
         stats = conv_statistics(conv, conv_input, centered, mean, var, centered=True)
-        slot = self.past_head
+        slot = self._head
         for name, value in (("past_mean", stats.mean), ("past_var", stats.var),
                             ("past_mean_patch", stats.mean_patch), ("past_var_grad", stats.var_grad)):
-            buf = getattr(self, name)
-            buf.index_copy_(0, slot, value.unsqueeze(0).to(buf.dtype))
-        self.past_valid.index_fill_(0, slot, 1.0)
-        self.past_head.add_(1).remainder_(self.window - 1)
+            getattr(self, name)[slot].copy_(value)
+        self.past_valid[slot] = 1.0
+        self._head = (slot + 1) % (self.window - 1)
+        self.past_head.fill_(self._head)
 
     def state_bytes(self) -> int:
         """Bytes of cross-iteration state (the window and counters) held by this layer."""
@@ -245,8 +246,9 @@ class _WindowNorm(torch.autograd.Function):
 
     Forward: μ_t, then the centered batch c = x − μ_t, σ²_t = mean(c²) (two plain reductions: on
     CPU ``torch.var_mean`` over (N, H, W) is 3–10× slower), then y = γs·c + β + γs(μ_t − μ̄).
-    Backward: one ``native_batch_norm_backward`` in eval form on c (g·γs, Σg·(x − μ̄)·s = ∂L/∂γ,
-    Σg = ∂L/∂β) and one addcmul for the terms through μ_t and σ²_t, instead of the autograd chain.
+    Backward: the sums Σg·(x − μ̄)·s (= ∂L/∂γ) and Σg (= ∂L/∂β) from one ``native_batch_norm_backward``
+    in eval form on c, then ∂L/∂x = g·γs + (terms through μ_t and σ²_t) in two addcmul passes,
+    instead of the autograd chain.
     Returns (y, μ_t, σ²_t, c); the last three carry no gradient. c is handed on to the derivative
     ∂σ²/∂W (``conv_statistics``), which needs exactly it.
     """
@@ -279,8 +281,8 @@ class _WindowNorm(torch.autograd.Function):
         grad = grad.contiguous()
         # eval-form BatchNorm backward on c with "mean" μ̄ − μ_t (so c − (μ̄ − μ_t) = x − μ̄):
         # g·γs, Σ g·(x − μ̄)·s (= ∂L/∂γ), Σ g (= ∂L/∂β)
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad, centered, weight, -offset, var, None, None, False, ctx.eps, [True, True, True])
+        _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad, centered, weight, -offset, var, None, None, False, ctx.eps, [False, True, True])
         gamma = weight if weight is not None else torch.ones_like(var)
         s = torch.rsqrt(var + ctx.eps)
         d_mean = -gamma * s * grad_b                    # ∂L/∂μ̄
@@ -288,7 +290,8 @@ class _WindowNorm(torch.autograd.Function):
         d_mean_t = (d_mean + 2 * offset * d_var) / n
         d_var_t = d_var / n
         count = centered.numel() // centered.shape[1]
-        # ∂L/∂x += (∂L/∂μ_t)/M + (∂L/∂σ²_t)·2(x − μ_t)/M
-        grad_x.addcmul_(centered, (2 * d_var_t / count).view(1, -1, 1, 1)).add_((d_mean_t / count).view(1, -1, 1, 1))
+        # ∂L/∂x = g·γs + (∂L/∂μ_t)/M + (∂L/∂σ²_t)·2(x − μ_t)/M, in two passes
+        grad_x = torch.addcmul((d_mean_t / count).view(1, -1, 1, 1), centered, (2 * d_var_t / count).view(1, -1, 1, 1))
+        grad_x.addcmul_(grad, (gamma * s).view(1, -1, 1, 1))
         return (grad_x, grad_w if weight is not None and ctx.needs_input_grad[1] else None,
                 grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None, None)
