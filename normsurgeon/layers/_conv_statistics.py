@@ -97,6 +97,10 @@ _SMALL_OUTPUT = 36  # OH·OW at or below which the swapped forward conv is used 
 def var_weight_grad(geo: ConvGeometry, centered: torch.Tensor, weight_shape: torch.Size, count: int) -> torch.Tensor:
     """∂σ²_c/∂W_c of shape (C, Cin/G, kh, kw), from ``centered`` = y − μ (N, C, OH, OW).
 
+    ``centered`` may carry one more channel, constant 1/2 (groups = 1 only): its row of the
+    result is (2/M)·Σ_m ½·patch_m = p̄, so ∂μ/∂W comes out of the same weight gradient
+    (``weight_shape`` then has C + 1 rows).
+
     On CPU, for a kh×kw > 1 kernel over a small output (OH·OW ≤ ``_SMALL_OUTPUT``, e.g. ResNet's
     last stage), oneDNN's weight-gradient kernel is 2–3× slower than a forward conv of the same
     FLOPs; there the same sum is taken as a forward conv with batch and channels swapped,
@@ -148,7 +152,9 @@ def conv_statistics(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor,
     """Statistics of ``y = conv(x)`` and their analytic derivatives w.r.t. ``conv.weight``.
 
     ``mean``/``var`` (C,) may be passed when already computed (e.g. detached from the forward);
-    ``centered=True`` says ``y`` is already y − μ (then ``mean`` and ``var`` are required).
+    ``centered=True`` says ``y`` is already y − μ (then ``mean`` and ``var`` are required); it
+    may then have C + 1 channels, the last one constant 1/2, for a groups=1 conv: p̄ and ∂σ²/∂W
+    then come from one weight gradient (``var_weight_grad``).
     """
     weight = conv.weight
     y = y.detach().to(weight.dtype)
@@ -159,6 +165,12 @@ def conv_statistics(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor,
         var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
     mean, var = mean.detach().to(weight.dtype), var.detach().to(weight.dtype)
     geo = conv_geometry(conv, x.detach().to(weight.dtype))
+    channels = weight.shape[0]
+    if centered and y.shape[1] == channels + 1:  # [y − μ | ½]: p̄ is the last row (var_weight_grad)
+        if geo.groups != 1:
+            raise ValueError("conv_statistics: an appended 1/2 channel works for groups=1 convs only")
+        both = var_weight_grad(geo, y, (channels + 1,) + tuple(weight.shape[1:]), count)
+        return ConvStatistics(mean, var, both[channels:], both[:channels])
     patch = mean_patch(geo, weight.shape, count, tuple(y.shape[2:]))
     grad = var_weight_grad(geo, y if centered else y - mean.view(1, -1, 1, 1), weight.shape, count)
     return ConvStatistics(mean, var, patch, grad)

@@ -179,8 +179,8 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
     @torch.no_grad()
     def _push(self, conv: nn.Conv2d, conv_input: torch.Tensor, centered: torch.Tensor,
               mean: torch.Tensor, var: torch.Tensor) -> None:
-        """Store the current batch's statistics and derivatives in the ring
-        (``centered`` = conv output − ``mean``)."""
+        """Store the current batch's statistics and derivatives in the ring (``centered`` = conv
+        output − ``mean``, for a groups=1 conv followed by a channel of ½: see ``conv_statistics``)."""
         stats = conv_statistics(conv, conv_input, centered, mean, var, centered=True)
         slot = self._head
         for name, value in (("past_mean", stats.mean), ("past_var", stats.var),
@@ -226,13 +226,14 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         else:
             past_mean, past_var, valid = self.past_mean, self.past_var, self.past_valid
         past_mean, past_var, valid = (t.to(work.dtype) for t in (past_mean, past_var, valid))
-        out, mean_t, var_t, centered = _WindowNorm.apply(work, self.weight, self.bias, past_mean, past_var, valid,
-                                                         self.eps)
+        push = conv is not None and torch.is_grad_enabled()
+        out, mean_t, var_t, stats_input = _WindowNorm.apply(work, self.weight, self.bias, past_mean, past_var,
+                                                            valid, self.eps, push and self.groups == 1)
         out = out.to(x.dtype)
         factor = _running_factor(self, x)
         _update_running(self, mean_t, var_t, count, factor)
-        if conv is not None and torch.is_grad_enabled():
-            self._push(conv, conv_input, centered, mean_t, var_t)
+        if push:
+            self._push(conv, conv_input, stats_input, mean_t, var_t)
         return out
 
     def extra_repr(self) -> str:
@@ -249,14 +250,22 @@ class _WindowNorm(torch.autograd.Function):
     Backward: the sums Σg·(x − μ̄)·s (= ∂L/∂γ) and Σg (= ∂L/∂β) from one ``native_batch_norm_backward``
     in eval form on c, then ∂L/∂x = g·γs + (terms through μ_t and σ²_t) in two addcmul passes,
     instead of the autograd chain.
-    Returns (y, μ_t, σ²_t, c); the last three carry no gradient. c is handed on to the derivative
-    ∂σ²/∂W (``conv_statistics``), which needs exactly it.
+    Returns (y, μ_t, σ²_t, c); the last three carry no gradient. c is handed on to the derivatives
+    (``conv_statistics``), which need exactly it; with ``half_channel`` it is returned as [c | ½]
+    (N, C + 1, H, W), written in place, so that p̄ and ∂σ²/∂W of a groups=1 conv come from one
+    weight gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, past_mean, past_var, valid, eps):
+    def forward(ctx, x, weight, bias, past_mean, past_var, valid, eps, half_channel):
         mean_t = x.mean(dim=(0, 2, 3))
-        centered = x - mean_t.view(1, -1, 1, 1)
+        if half_channel:  # c lives in the first C channels of [c | ½], for conv_statistics
+            n_, c_, h_, w_ = x.shape
+            stats_input = x.new_empty((n_, c_ + 1, h_, w_))
+            stats_input[:, c_].fill_(0.5)
+            centered = torch.sub(x, mean_t.view(1, -1, 1, 1), out=stats_input[:, :c_])
+        else:
+            centered = stats_input = x - mean_t.view(1, -1, 1, 1)
         var_t = centered.square().mean(dim=(0, 2, 3))
         valid = valid.unsqueeze(1)
         n = 1 + valid.sum()
@@ -272,11 +281,11 @@ class _WindowNorm(torch.autograd.Function):
         out = torch.addcmul(shift.view(1, -1, 1, 1), centered, scale.view(1, -1, 1, 1))
         ctx.save_for_backward(centered, weight, mean_t - mean, var, n)
         ctx.eps, ctx.has_bias = eps, bias is not None
-        ctx.mark_non_differentiable(mean_t, var_t, centered)
-        return out, mean_t, var_t, centered
+        ctx.mark_non_differentiable(mean_t, var_t, stats_input)
+        return out, mean_t, var_t, stats_input
 
     @staticmethod
-    def backward(ctx, grad, _grad_mean, _grad_var, _grad_centered):
+    def backward(ctx, grad, _grad_mean, _grad_var, _grad_stats_input):
         centered, weight, offset, var, n = ctx.saved_tensors  # offset = μ_t − μ̄
         grad = grad.contiguous()
         # eval-form BatchNorm backward on c with "mean" μ̄ − μ_t (so c − (μ̄ − μ_t) = x − μ̄):
@@ -294,4 +303,4 @@ class _WindowNorm(torch.autograd.Function):
         grad_x = torch.addcmul((d_mean_t / count).view(1, -1, 1, 1), centered, (2 * d_var_t / count).view(1, -1, 1, 1))
         grad_x.addcmul_(grad, (gamma * s).view(1, -1, 1, 1))
         return (grad_x, grad_w if weight is not None and ctx.needs_input_grad[1] else None,
-                grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None, None)
+                grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None, None, None)
