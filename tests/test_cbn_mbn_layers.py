@@ -410,3 +410,21 @@ def test_mbn_trains_about_as_fast_as_batchnorm():
     bn, mbn = run(nn.BatchNorm2d), run(lambda c: MemorizedBatchNorm(c, memory=4))
     assert bn < 0.4
     assert mbn < bn + 0.15, (bn, mbn)
+
+
+@pytest.mark.parametrize("to", ["cbn", "mbn"])
+def test_channels_last_model_trains_like_the_contiguous_one(to):
+    """``model.to(memory_format=torch.channels_last)`` works (no 5-d state) and gives the same steps."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    options = {"window": 3} if to == "cbn" else {"memory": 3}
+    model = ns.convert(net, to=to, input_size=(3, 12, 12), **options)
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 12, 12, generator=gen) for _ in range(4)]
+    outs, _ = _train(model, batches)
+    twin_outs, _ = _train(twin, [x.contiguous(memory_format=torch.channels_last) for x in batches])
+    for a, b in zip(outs, twin_outs):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

@@ -116,8 +116,10 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         self.register_buffer("past_valid", torch.zeros(past))
         for name in ("past_mean", "past_var"):
             self.register_buffer(name, torch.zeros(past, c))
-        self.register_buffer("past_mean_patch", torch.zeros(past, groups, cin_g, kh, kw))
-        self.register_buffer("past_var_grad", torch.zeros(past, c, cin_g, kh, kw))
+        # the derivatives are stored flat, (k − 1, G or C, Cin/G·kh·kw): 3-d buffers are left alone
+        # by model.to(memory_format=torch.channels_last), which rejects 5-d tensors
+        self.register_buffer("past_mean_patch", torch.zeros(past, groups, cin_g * kh * kw))
+        self.register_buffer("past_var_grad", torch.zeros(past, c, cin_g * kh * kw))
         self._steps = 0  # mirror of num_steps (read every forward without a device sync)
         self._head = 0  # mirror of past_head
         self._tap = None
@@ -167,8 +169,8 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         w = weight.detach().to(self.past_mean.dtype)
         # ⟨p̄_i, W_c⟩ for every entry i and channel c: one (C/G, L) @ (L, k−1) product per group
         dot_mean = torch.bmm(w.reshape(g, c // g, -1),
-                             self.past_mean_patch.reshape(past, g, -1).permute(1, 2, 0)).permute(2, 0, 1).reshape(past, c)
-        dot_var = torch.einsum("cl,pcl->pc", w.reshape(c, -1), self.past_var_grad.reshape(past, c, -1))
+                             self.past_mean_patch.permute(1, 2, 0)).permute(2, 0, 1).reshape(past, c)
+        dot_var = torch.einsum("cl,pcl->pc", w.reshape(c, -1), self.past_var_grad)
         d_mean = dot_mean - self.past_mean  # ⟨p̄_i, W⟩ + b − μ_i (module docstring)
         if bias is not None:
             d_mean += bias.detach().to(d_mean.dtype)
@@ -185,7 +187,8 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         slot = self._head
         for name, value in (("past_mean", stats.mean), ("past_var", stats.var),
                             ("past_mean_patch", stats.mean_patch), ("past_var_grad", stats.var_grad)):
-            getattr(self, name)[slot].copy_(value)
+            entry = getattr(self, name)[slot]
+            entry.view(value.shape).copy_(value)
         self.past_valid[slot] = 1.0
         self._head = (slot + 1) % (self.window - 1)
         self.past_head.fill_(self._head)
