@@ -153,10 +153,14 @@ def test_cbn_forward_is_the_pooled_formula():
     assert torch.allclose(out, expected, atol=1e-10)
 
 
-def test_cbn_gradient_is_the_pooled_formula_through_the_current_batch():
+@pytest.mark.parametrize("affine", [True, False])
+def test_cbn_gradient_is_the_pooled_formula_through_the_current_batch(affine):
     """The layer's closed-form backward equals autograd through the paper's formula, with the
     current batch's μ, ν differentiable and the past entries constant (float64)."""
     model = _conv_cbn(window=4, dtype=torch.float64)
+    if not affine:
+        conv = model[0]
+        model[1] = CrossIterationBatchNorm(6, conv.weight.shape, window=4, affine=False).attach(conv, "0").double()
     gen = torch.Generator().manual_seed(5)
     batches = [torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64) for _ in range(4)]
     _train(model, batches[:3])
@@ -167,10 +171,12 @@ def test_cbn_gradient_is_the_pooled_formula_through_the_current_batch():
     y.retain_grad()
     upstream = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     (cbn(y) * upstream).sum().backward()
-    got = [y.grad.clone(), cbn.weight.grad.clone(), cbn.bias.grad.clone()]
+    got = [y.grad.clone()] + ([cbn.weight.grad.clone(), cbn.bias.grad.clone()] if affine else [])
 
     leaf = y.detach().requires_grad_()
-    gamma, beta = cbn.weight.detach().clone().requires_grad_(), cbn.bias.detach().clone().requires_grad_()
+    ones, zeros = torch.ones(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    gamma = (cbn.weight.detach().clone() if affine else ones).requires_grad_()
+    beta = (cbn.bias.detach().clone() if affine else zeros).requires_grad_()
     m = torch.cat([leaf.mean((0, 2, 3))[None], mean_p])
     nu = torch.cat([(leaf * leaf).mean((0, 2, 3))[None], var_p + mean_p.square()])
     mu_bar = m.mean(0)
