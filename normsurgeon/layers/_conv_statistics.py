@@ -19,7 +19,9 @@ output position m. Then, per channel c:
 terms are conv weight-gradients: p̄ with an all-ones grad_output, computed on the batch-summed
 input (the ones do not depend on n, so Σ_n can be taken first: 1/N of the work), and
 ∂σ²/∂W with grad_output (2/M)(y − μ). ``torch.nn.grad.conv2d_weight`` handles stride, padding,
-dilation and groups. μ is exactly linear in (W, b), so its compensation has no Taylor error.
+dilation and groups. For a groups = 1 conv the two share one call: grad_output [y − μ | ½]
+(C + 1 channels) gives ∂σ²/∂W in its first C rows and p̄ in the last (``var_weight_grad``).
+μ is exactly linear in (W, b), so its compensation has no Taylor error.
 """
 from __future__ import annotations
 
