@@ -253,6 +253,14 @@ def test_calibrated_mahalanobis_weights_follow_the_documented_formula(batched):
         ns.BNEnsemble(model, distance="mahalanobis")(x)
     with pytest.raises(ValueError, match="missing"):
         ns.BNEnsemble(model).fit_embeddings({"0": calibration[0]})
+    # a saved fitted ensemble loads into a fresh one (and an unfitted state unfits it)
+    fresh = ns.BNEnsemble(model, batched=batched).eval()
+    fresh.load_state_dict(ensemble.state_dict())
+    assert fresh.rule == "mahalanobis"
+    with torch.no_grad():
+        assert torch.equal(fresh(x), pred)
+    ensemble.load_state_dict(ns.BNEnsemble(model).state_dict())
+    assert ensemble.rule == "wasserstein" and ensemble.embedding_mean is None
 
 
 def test_mild_study_domains_are_recognized_by_calibrated_embeddings():

@@ -197,6 +197,17 @@ class BNEnsemble(nn.Module):
     def num_domains(self) -> int:
         return len(self.domains)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A saved ensemble restores as it was: fitted embeddings are taken (the buffers are
+        created to their saved shapes), and an unfitted state makes this ensemble unfitted."""
+        for name in ("embedding_mean", "embedding_cov"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(saved))
+            elif saved is None and getattr(self, name) is not None:
+                setattr(self, name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor, return_weights: bool = False):
         if self.model.training:
             raise RuntimeError("BNEnsemble is inference-only (it compares samples with the running "
