@@ -145,6 +145,21 @@ def test_channels_last_layout_matches_channels_first():
 
 # --- BN embeddings and the mixture ---------------------------------------------------------
 
+def run_on_path(model, x, k):
+    """The model's output on domain path k (float64 numpy) and, for every dsbn layer whose input
+    has > 1 position, (layer, input reshaped to (N, C, positions))."""
+    seen = []
+    handles = [m.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].detach().numpy().astype(np.float64))))
+               for _, m in domain_layers(model)]
+    with torch.no_grad(), ns.domain(model, k):
+        out = model(x).numpy().astype(np.float64)
+    for h in handles:
+        h.remove()
+    flat = [(m, inp.reshape(inp.shape[0], inp.shape[1], -1)) for m, inp in seen
+            if inp.ndim >= 3 and np.prod(inp.shape[2:]) >= 2]
+    return out, flat
+
+
 def numpy_weights(model, x):
     """The documented formula, computed independently: per path k, the recorded inputs of every
     dsbn layer with > 1 position, W2 to domain k, normalized over domains per layer, averaged,
@@ -154,18 +169,10 @@ def numpy_weights(model, x):
     dist = []  # [k][l] -> (N,)
     outputs = []
     for k in range(k_count):
-        seen = []
-        handles = [m.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].detach().numpy().astype(np.float64))))
-                   for m in layers_]
-        with torch.no_grad(), ns.domain(model, k):
-            outputs.append(model(x).numpy().astype(np.float64))
-        for h in handles:
-            h.remove()
+        out, seen = run_on_path(model, x, k)
+        outputs.append(out)
         row = []
-        for m, inp in seen:
-            if inp.ndim < 3 or np.prod(inp.shape[2:]) < 2:
-                continue
-            flat = inp.reshape(inp.shape[0], inp.shape[1], -1)
+        for m, flat in seen:
             mean, std = flat.mean(axis=2), flat.std(axis=2)
             mu = m.running_mean[k].double().numpy()
             sigma = np.sqrt(m.running_var[k].double().numpy())
@@ -197,21 +204,10 @@ def numpy_mahalanobis_weights(model, calibration, x, shrinkage=0.1):
     """The calibrated rule, computed independently: per path k, features [m, log(v + eps)] of every
     dsbn layer with > 1 position; domain k's mean and covariance (shrunk to the diagonal, + 1e-5 ·
     mean diag · I) over its calibration samples on path k; Mahalanobis distance; inverse weights."""
-    layers_ = [m for _, m in domain_layers(model)]
-
     def features(inputs, k):
-        seen = []
-        handles = [m.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].detach().numpy().astype(np.float64))))
-                   for m in layers_]
-        with torch.no_grad(), ns.domain(model, k):
-            out = model(inputs).numpy().astype(np.float64)
-        for h in handles:
-            h.remove()
+        out, seen = run_on_path(model, inputs, k)
         blocks = []
-        for m, inp in seen:
-            if inp.ndim < 3 or np.prod(inp.shape[2:]) < 2:
-                continue
-            flat = inp.reshape(inp.shape[0], inp.shape[1], -1)
+        for m, flat in seen:
             blocks += [flat.mean(2), np.log(flat.var(2) + m.eps)]
         return np.concatenate(blocks, 1), out
 

@@ -52,7 +52,6 @@ seed and lr (identical by construction; the 1/3-minute rows are then the blockwi
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -64,6 +63,7 @@ import normsurgeon as ns
 from normsurgeon import zoo
 from normsurgeon.photo_crops import TRAIN_PHOTOS, PhotoCrops
 from normsurgeon.training import evaluate
+from run import append_row  # this folder's run.py (the script's folder is on sys.path)
 
 HERE = Path(__file__).parent
 SIZE = 160
@@ -173,14 +173,7 @@ def main() -> None:
                "batch": args.batch, "temperature": args.temperature, "norm_lr_mult": args.norm_lr_mult,
                "tag": args.tag, "mark_min": minute_mark, "cpu_min": round(cpu_s / 60, 3), "steps": steps,
                "phase": phase, "agreement": round(m["eval_agreement"], 4), "kl": round(m["eval_kl"], 4)}
-        out = Path(args.out)
-        new = not out.exists()
-        with open(out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
-        print(row, flush=True)
+        append_row(Path(args.out), row)
 
     phase = "e2e" if args.variant == "e2e" else "blockwise"
     opt = make_optimizer(student, lr, args.norm_lr_mult)

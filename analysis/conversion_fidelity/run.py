@@ -36,6 +36,17 @@ OPTIONS = {"bgn": {"num_groups": "auto", "batch_size": 16}}
 SIZE, BATCH, LR = 160, 16, 3e-4
 
 
+def append_row(path: Path, row: dict) -> None:
+    """Append ``row`` to the CSV at ``path`` (header first if the file is new) and print it."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    print(row, flush=True)
+
+
 def measure(model, original, sets) -> dict:
     row = {}
     for name, x in sets.items():
@@ -57,13 +68,7 @@ def run_target(to: str, minutes: list[float], out: Path, lr: float = LR, feature
         recipe = f"adamw lr={lr:g}" + (f" cosine over {steps} steps" if scheduler == "cosine" else "")
         row = {"target": to, "recipe": recipe + (f" features={feature_weight:g}" if feature_weight else ""),
                "stage": stage, **extra, **measure(model, original, sets)}
-        new = not out.exists()
-        with open(out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
-        print(row, flush=True)
+        append_row(out, row)
 
     converted = ns.convert(original, to=to, **OPTIONS.get(to, {}))
     write("convert", converted, cpu_minutes=0, steps=0)
