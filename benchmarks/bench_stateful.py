@@ -14,8 +14,9 @@ One timed train step = forward, loss, backward, SGD step, ``normsurgeon.after_st
 After two warm-up steps per variant, each repeat runs every variant once in a shuffled order;
 tables show medians. A second table times only the derivative computation for every CBN layer
 of the same model and batch (analytic ``conv_statistics`` vs the two autograd passes), summed
-over layers; μ and σ² of the output, which both routes take from the forward, are computed
-outside that timing. FLOORS are checked at the end.
+over layers; μ, σ² and y − μ of the output, which both routes take from the forward, and the
+analytic route's destination (the layer's window slot) are prepared outside that timing.
+FLOORS are checked at the end.
 """
 from __future__ import annotations
 
@@ -64,8 +65,14 @@ class AutogradCBN(CrossIterationBatchNorm):
     def _push(self, conv, conv_input, centered, mean, var):
         import normsurgeon.layers.cross_iteration_bn as cib
         stats = autograd_statistics(conv, self._conv_output, mean, var)
+
+        def store(*args, out, **kwargs):  # what conv_statistics does with out=: fill the window's slot
+            out[0].copy_(stats.mean_patch.view_as(out[0]))
+            out[1].copy_(stats.var_grad)
+            return stats
+
         original = cib.conv_statistics
-        cib.conv_statistics = lambda *a, **k: stats
+        cib.conv_statistics = store
         try:
             super()._push(conv, conv_input, centered, mean, var)
         finally:
@@ -99,14 +106,18 @@ def derivative_times(model: nn.Module, x: torch.Tensor, repeats: int) -> tuple[f
     for h in hooks:
         h.remove()
     analytic, autograd = [], []
-    # μ and σ² come from the forward in both routes: computed once here, outside the timing
+    # μ, σ² and y − μ come from the forward in both routes, and the layer hands the analytic route
+    # its window slot to write into: all prepared here, outside the timing
     moments = [torch.var_mean(y.detach(), dim=(0, 2, 3), unbiased=False) for _, _, y in pairs]
+    centered = [(y - mean.view(1, -1, 1, 1)).detach() for (_, _, y), (_, mean) in zip(pairs, moments)]
+    slots = [(conv.weight.new_empty((conv.groups,) + conv.weight.shape[1:]), torch.empty_like(conv.weight))
+             for conv, _, _ in pairs]
     for _ in range(repeats):
         for route, sink in (("analytic", analytic), ("autograd", autograd)):
             t0 = time.perf_counter()
-            for (conv, inp, y), (var, mean) in zip(pairs, moments):
+            for (conv, inp, y), (var, mean), c, slot in zip(pairs, moments, centered, slots):
                 if route == "analytic":
-                    conv_statistics(conv, inp, y, mean, var)
+                    conv_statistics(conv, inp, c, mean, var, centered=True, out=slot)
                 else:
                     autograd_statistics(conv, y, mean, var)
             sink.append((time.perf_counter() - t0) * 1e3)

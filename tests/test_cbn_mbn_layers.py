@@ -37,7 +37,7 @@ def _fresh_warnings():
     _stateful._WARNED.clear()
 
 
-@pytest.mark.parametrize("size", [(11, 9), (5, 4)])  # small outputs take the swapped-conv route on CPU
+@pytest.mark.parametrize("size", [(11, 9), (5, 4)])  # small outputs take the unfolded route on CPU
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("kind", list(CONVS))
 def test_analytic_derivatives_equal_autograd(kind, bias, size):
@@ -56,12 +56,12 @@ def test_analytic_derivatives_equal_autograd(kind, bias, size):
         (grad,) = torch.autograd.grad(value.sum(), conv.weight, retain_graph=True)
         assert torch.allclose(analytic, grad, rtol=0, atol=1e-8), (kind, (analytic - grad).abs().max())
     assert torch.allclose(stats.mean, mean, atol=1e-12) and torch.allclose(stats.var, var, atol=1e-12)
-    if conv.groups == 1:  # the layer's route: [y − μ | ½] in one weight gradient
-        half = torch.full_like(y[:, :1], 0.5)
-        fused = conv_statistics(conv, x, torch.cat([y - mean.view(1, -1, 1, 1), half], 1).detach(), mean, var,
-                                centered=True)
-        for a, b in ((fused.mean_patch, stats.mean_patch), (fused.var_grad, stats.var_grad)):
-            assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-10), kind
+    # the layer's call: centered input, results written into preallocated window slots
+    out = (torch.full_like(stats.mean_patch, float("nan")), torch.full_like(stats.var_grad, float("nan")))
+    into = conv_statistics(conv, x, (y - mean.view(1, -1, 1, 1)).detach(), mean, var, centered=True, out=out)
+    assert into.mean_patch is out[0] and into.var_grad is out[1]
+    for a, b in ((into.mean_patch, stats.mean_patch), (into.var_grad, stats.var_grad)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10), kind
     if bias:  # ∂μ/∂b = 1, ∂ν/∂b = 2μ: what the layer's offsets use
         (gb,) = torch.autograd.grad(second.sum(), conv.bias)
         assert torch.allclose(gb, 2 * mean, atol=1e-10)

@@ -13,8 +13,9 @@ Gradients flow only through the current batch's statistics; past entries are con
 
 How it is computed here (numerically the same quantity, in a cancellation-free form):
 - The derivatives are analytic (``_conv_statistics.py``): ∂μ_c/∂W_c is the mean input patch p̄
-  of c's group, ∂σ²_c/∂W_c one conv weight-gradient; no extra autograd pass. The bias is part of
-  θ (∂μ/∂b = 1, ∂σ²/∂b = 0).
+  of c's group, ∂σ²_c/∂W_c one conv weight-gradient (one matrix product over the im2col patches
+  for small outputs), written straight into the window's slot; no extra autograd pass. The bias
+  is part of θ (∂μ/∂b = 1, ∂σ²/∂b = 0).
 - Entries store μ and the central σ², and the compensation is applied to σ² directly:
   ν_comp − μ_comp² = σ² + ρ·∂σ²/∂W·ΔW − (ρΔμ)² exactly, so no E[y²] − μ² cancellation in float32.
 - No weight snapshot is stored: the terms of the old weights are known in closed form. The conv
@@ -122,6 +123,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         self.register_buffer("past_var_grad", torch.zeros(past, c, cin_g * kh * kw))
         self._steps = 0  # mirror of num_steps (read every forward without a device sync)
         self._head = 0  # mirror of past_head
+        self._filled = 0  # mirror of past_valid.sum(): entries are written in ring order from slot 0
         self._tap = None
 
     # -- wiring -----------------------------------------------------------------------------
@@ -151,6 +153,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._steps, self._head = int(self.num_steps), int(self.past_head)
+        self._filled = int(self.past_valid.sum())
 
     # -- statistics ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -162,34 +165,40 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         Δμ_i², 0) per channel (C,), and 1.0 for entries that hold data. ``rho`` overrides the
         layer's ρ (0: the stored, uncompensated statistics).
         """
-        rho = self.rho if rho is None else rho
+        mean, var = self._compensated(weight, bias, self.rho if rho is None else rho)
+        return mean, var, self.past_valid.clone()
+
+    def _compensated(self, weight: torch.Tensor, bias: torch.Tensor | None, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, var) of ``past_statistics``; new tensors."""
         if rho == 0 or self.window == 1:
-            return self.past_mean.clone(), self.past_var.clone(), self.past_valid.clone()
+            return self.past_mean.clone(), self.past_var.clone()
         past, c, g = self.window - 1, self.num_features, self.groups
         w = weight.detach().to(self.past_mean.dtype)
         # ⟨p̄_i, W_c⟩ for every entry i and channel c: one (C/G, L) @ (L, k−1) product per group
         dot_mean = torch.bmm(w.reshape(g, c // g, -1),
                              self.past_mean_patch.permute(1, 2, 0)).permute(2, 0, 1).reshape(past, c)
         dot_var = torch.einsum("cl,pcl->pc", w.reshape(c, -1), self.past_var_grad)
-        d_mean = dot_mean - self.past_mean  # ⟨p̄_i, W⟩ + b − μ_i (module docstring)
         if bias is not None:
-            d_mean += bias.detach().to(d_mean.dtype)
-        d_mean *= rho
-        d_var = (dot_var - 2 * self.past_var).mul_(rho) - d_mean * d_mean
-        return self.past_mean + d_mean, (self.past_var + d_var).clamp_min_(0), self.past_valid.clone()
+            dot_mean += bias.detach().to(dot_mean.dtype)
+        # module docstring: μ + ρΔμ with Δμ = ⟨p̄_i, W⟩ + b − μ_i, and σ² + ρ(⟨∂σ²_i/∂W, W⟩ − 2σ²_i) − (ρΔμ)²
+        mean = torch.lerp(self.past_mean, dot_mean, rho)
+        var = torch.lerp(self.past_var, dot_var.sub_(self.past_var), rho)
+        return mean, var.sub_((mean - self.past_mean).square_()).clamp_min_(0)
 
     @torch.no_grad()
     def _push(self, conv: nn.Conv2d, conv_input: torch.Tensor, centered: torch.Tensor,
               mean: torch.Tensor, var: torch.Tensor) -> None:
         """Store the current batch's statistics and derivatives in the ring (``centered`` = conv
-        output − ``mean``, for a groups=1 conv followed by a channel of ½: see ``conv_statistics``)."""
-        stats = conv_statistics(conv, conv_input, centered, mean, var, centered=True)
+        output − ``mean``); the derivatives are written straight into their slot."""
         slot = self._head
-        for name, value in (("past_mean", stats.mean), ("past_var", stats.var),
-                            ("past_mean_patch", stats.mean_patch), ("past_var_grad", stats.var_grad)):
-            entry = getattr(self, name)[slot]
-            entry.view(value.shape).copy_(value)
-        self.past_valid[slot] = 1.0
+        out = (self.past_mean_patch[slot].view((self.groups,) + self.weight_shape[1:]),
+               self.past_var_grad[slot].view(self.weight_shape))
+        conv_statistics(conv, conv_input, centered, mean, var, centered=True, out=out)
+        self.past_mean[slot].copy_(mean)
+        self.past_var[slot].copy_(var)
+        if self._filled < self.window - 1:
+            self.past_valid[slot] = 1.0
+            self._filled += 1
         self._head = (slot + 1) % (self.window - 1)
         self.past_head.fill_(self._head)
 
@@ -225,18 +234,22 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
                 f"normsurgeon.convert(model, to='cbn') wires it), or attach it with layer.attach(conv).")
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         if conv is not None:
-            past_mean, past_var, valid = self.past_statistics(conv.weight, conv.bias)
+            past_mean, past_var = self._compensated(conv.weight, conv.bias, self.rho)
         else:
-            past_mean, past_var, valid = self.past_mean, self.past_var, self.past_valid
-        past_mean, past_var, valid = (t.to(work.dtype) for t in (past_mean, past_var, valid))
+            past_mean, past_var = self.past_mean, self.past_var
+        valid, weight, bias = self.past_valid, self.weight, self.bias
+        if past_mean.dtype != work.dtype:
+            past_mean, past_var, valid = past_mean.to(work.dtype), past_var.to(work.dtype), valid.to(work.dtype)
+        if weight is not None and weight.dtype != work.dtype:
+            weight, bias = weight.to(work.dtype), bias.to(work.dtype)
         push = conv is not None and torch.is_grad_enabled()
-        out, mean_t, var_t, stats_input = _WindowNorm.apply(work, self.weight, self.bias, past_mean, past_var,
-                                                            valid, self.eps, push and self.groups == 1)
+        out, mean_t, var_t, centered = _WindowNorm.apply(work, weight, bias, past_mean, past_var, valid,
+                                                         1 + self._filled, self.eps)
         out = out.to(x.dtype)
         factor = _running_factor(self, x)
         _update_running(self, mean_t, var_t, count, factor)
         if push:
-            self._push(conv, conv_input, stats_input, mean_t, var_t)
+            self._push(conv, conv_input, centered, mean_t, var_t)
         return out
 
     def extra_repr(self) -> str:
@@ -245,65 +258,53 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
 
 
 class _WindowNorm(torch.autograd.Function):
-    """y = γ (x − μ̄)·s + β, s = (σ̄² + eps)^−½, with μ̄, σ̄² pooled from the current batch's μ_t, σ²_t
-    and the constant past entries (module docstring), and its backward in closed form.
+    """y = γ (x − μ̄)·s + β, s = (σ̄² + eps)^−½, with μ̄, σ̄² pooled over n = 1 + (valid past entries)
+    from the current batch's μ_t, σ²_t and the constant past entries (module docstring); backward
+    in closed form.
 
-    Forward: μ_t, then the centered batch c = x − μ_t, σ²_t = mean(c²) (two plain reductions: on
-    CPU ``torch.var_mean`` over (N, H, W) is 3–10× slower), then y = γs·c + β + γs(μ_t − μ̄).
-    Backward: the sums Σg·(x − μ̄)·s (= ∂L/∂γ) and Σg (= ∂L/∂β) from one ``native_batch_norm_backward``
-    in eval form on c, then ∂L/∂x = g·γs + (terms through μ_t and σ²_t) in two addcmul passes,
-    instead of the autograd chain.
-    Returns (y, μ_t, σ²_t, c); the last three carry no gradient. c is handed on to the derivatives
-    (``conv_statistics``), which need exactly it; with ``half_channel`` it is returned as [c | ½]
-    (N, C + 1, H, W), written in place, so that p̄ and ∂σ²/∂W of a groups=1 conv come from one
-    weight gradient.
+    Forward: μ_t, the centered batch c = x − μ_t, σ²_t = mean(c²) (plain reductions: on CPU
+    ``torch.var_mean`` over (N, H, W) is 3–10× slower), then y by an eval-form BatchNorm of c with
+    "running mean" μ̄ − μ_t. Backward: only μ_t and σ²_t depend on x, each with weight 1/n in the
+    pool, so ∂L/∂x is BatchNorm's training backward with its two batch-statistics terms divided
+    by n:
+        ∂L/∂x = γs·[g − (1/(nM))·Σg − x̂·(1/(nM))·Σ(g·x̂)],   x̂ = (x − μ̄)·s,  M = N·H·W
+              = (1/n)·BNtrain(g; mean μ̄, invstd s, weight γ) + (1 − 1/n)·γs·g,
+    one ``native_batch_norm_backward`` (which also gives ∂L/∂γ = Σg·x̂ and ∂L/∂β = Σg) and one
+    in-place addcmul. Returns (y, μ_t, σ²_t, c); the last three carry no gradient, and c is handed
+    on to the derivatives (``conv_statistics``), which need exactly it.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, past_mean, past_var, valid, eps, half_channel):
+    def forward(ctx, x, weight, bias, past_mean, past_var, valid, n, eps):
+        ctx.set_materialize_grads(False)  # μ_t, σ²_t and c get no gradient: no zero tensors for them
         mean_t = x.mean(dim=(0, 2, 3))
-        if half_channel:  # c lives in the first C channels of [c | ½], for conv_statistics
-            n_, c_, h_, w_ = x.shape
-            stats_input = x.new_empty((n_, c_ + 1, h_, w_))
-            stats_input[:, c_].fill_(0.5)
-            centered = torch.sub(x, mean_t.view(1, -1, 1, 1), out=stats_input[:, :c_])
-        else:
-            centered = stats_input = x - mean_t.view(1, -1, 1, 1)
+        centered = x - mean_t.view(1, -1, 1, 1)
         var_t = centered.square().mean(dim=(0, 2, 3))
-        valid = valid.unsqueeze(1)
-        n = 1 + valid.sum()
-        mean = (mean_t + (valid * past_mean).sum(0)) / n
-        var = (var_t + (valid * past_var).sum(0)) / n \
-            + ((mean_t - mean).square() + (valid * (past_mean - mean).square()).sum(0)) / n
-        scale = torch.rsqrt(var + eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = (mean_t - mean) * scale
-        if bias is not None:
-            shift = shift + bias
-        out = torch.addcmul(shift.view(1, -1, 1, 1), centered, scale.view(1, -1, 1, 1))
-        ctx.save_for_backward(centered, weight, mean_t - mean, var, n)
-        ctx.eps, ctx.has_bias = eps, bias is not None
-        ctx.mark_non_differentiable(mean_t, var_t, stats_input)
-        return out, mean_t, var_t, stats_input
+        # pooled over the batch and the valid entries (valid: 0/1, n = 1 + their number):
+        # μ̄ = (μ_t + Σ μ_i)/n,  σ̄² = (σ²_t + (μ_t − μ̄)² + Σ σ²_i + (μ_i − μ̄)²)/n
+        mean = torch.addmv(mean_t, past_mean.t(), valid).div_(n)
+        spread = (past_mean - mean).square_().add_(past_var)
+        var = torch.addmv((mean_t - mean).square_().add_(var_t), spread.t(), valid).div_(n)
+        shift = mean - mean_t  # c − shift = x − μ̄
+        out = torch.batch_norm(centered, weight, bias, shift, var, False, 0.0, eps, False)
+        # for the backward: BatchNorm's weight γ/n and the coefficient (1 − 1/n)·γs of g
+        invstd = var.add(eps).rsqrt_()
+        bn_weight = weight / n if weight is not None else torch.full_like(var, 1 / n)
+        direct = invstd * (1 - 1 / n) if weight is None else invstd.mul(weight).mul_(1 - 1 / n)
+        ctx.save_for_backward(centered, bn_weight, shift, invstd, direct)
+        ctx.n, ctx.eps, ctx.has_weight, ctx.has_bias = n, eps, weight is not None, bias is not None
+        ctx.mark_non_differentiable(mean_t, var_t, centered)
+        return out, mean_t, var_t, centered
 
     @staticmethod
-    def backward(ctx, grad, _grad_mean, _grad_var, _grad_stats_input):
-        centered, weight, offset, var, n = ctx.saved_tensors  # offset = μ_t − μ̄
+    def backward(ctx, grad, _grad_mean, _grad_var, _grad_centered):
+        if grad is None:
+            return (None,) * 8
+        centered, bn_weight, shift, invstd, direct = ctx.saved_tensors
         grad = grad.contiguous()
-        # eval-form BatchNorm backward on c with "mean" μ̄ − μ_t (so c − (μ̄ − μ_t) = x − μ̄):
-        # g·γs, Σ g·(x − μ̄)·s (= ∂L/∂γ), Σ g (= ∂L/∂β)
-        _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad, centered, weight, -offset, var, None, None, False, ctx.eps, [False, True, True])
-        gamma = weight if weight is not None else torch.ones_like(var)
-        s = torch.rsqrt(var + ctx.eps)
-        d_mean = -gamma * s * grad_b                    # ∂L/∂μ̄
-        d_var = -0.5 * gamma * s * s * grad_w           # ∂L/∂σ̄²  (∂L/∂s = γ·Σg(x − μ̄) = γ·grad_w/s)
-        d_mean_t = (d_mean + 2 * offset * d_var) / n
-        d_var_t = d_var / n
-        count = centered.numel() // centered.shape[1]
-        # ∂L/∂x = g·γs + (∂L/∂μ_t)/M + (∂L/∂σ²_t)·2(x − μ_t)/M, in two passes
-        grad_x = torch.addcmul((d_mean_t / count).view(1, -1, 1, 1), centered, (2 * d_var_t / count).view(1, -1, 1, 1))
-        grad_x.addcmul_(grad, (gamma * s).view(1, -1, 1, 1))
-        return (grad_x, grad_w if weight is not None and ctx.needs_input_grad[1] else None,
-                grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None, None, None)
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad, centered, bn_weight, None, None, shift, invstd, True, ctx.eps,
+            [True, ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
+        if ctx.n > 1:
+            grad_x.addcmul_(grad, direct.view(1, -1, 1, 1))
+        return grad_x, grad_w, grad_b, None, None, None, None, None
