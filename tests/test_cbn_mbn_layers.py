@@ -153,8 +153,9 @@ def test_cbn_forward_is_the_pooled_formula():
     assert torch.allclose(out, expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("filled", [0, 1, 3])  # past entries in the window: none, partly, full
 @pytest.mark.parametrize("affine", [True, False])
-def test_cbn_gradient_is_the_pooled_formula_through_the_current_batch(affine):
+def test_cbn_gradient_is_the_pooled_formula_through_the_current_batch(affine, filled):
     """The layer's closed-form backward equals autograd through the paper's formula, with the
     current batch's μ, ν differentiable and the past entries constant (float64)."""
     model = _conv_cbn(window=4, dtype=torch.float64)
@@ -163,9 +164,11 @@ def test_cbn_gradient_is_the_pooled_formula_through_the_current_batch(affine):
         model[1] = CrossIterationBatchNorm(6, conv.weight.shape, window=4, affine=False).attach(conv, "0").double()
     gen = torch.Generator().manual_seed(5)
     batches = [torch.randn(3, 4, 5, 5, generator=gen, dtype=torch.float64) for _ in range(4)]
-    _train(model, batches[:3])
+    _train(model, batches[:filled])
     conv, cbn = model[0], model[1]
-    mean_p, var_p, _ = cbn.past_statistics(conv.weight, conv.bias)
+    mean_p, var_p, valid = cbn.past_statistics(conv.weight, conv.bias)
+    assert int(valid.sum()) == filled
+    mean_p, var_p = mean_p[valid.bool()], var_p[valid.bool()]
     model.zero_grad()
     y = conv(batches[3])
     y.retain_grad()
