@@ -437,3 +437,43 @@ def test_channels_last_model_trains_like_the_contiguous_one(to):
     twin_outs, _ = _train(twin, [x.contiguous(memory_format=torch.channels_last) for x in batches])
     for a, b in zip(outs, twin_outs):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("to", ["cbn", "mbn"])
+def test_trains_under_bfloat16_autocast_with_float32_statistics(to):
+    """Under CPU bf16 autocast the layers train, and CBN's window holds float32 derivatives of the
+    (bf16) conv output, computed as in float32 (autocast would otherwise run its matmuls in bf16)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    options = {"window": 3} if to == "cbn" else {"memory": 3}
+    model = ns.convert(net, to=to, input_size=(3, 5, 5), **options)
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    autocast_seen = []  # was autocast on while CBN compensated its window? (its dots must be fp32)
+    if to == "cbn":
+        compensated = model[1]._compensated
+        model[1]._compensated = lambda *a: autocast_seen.append(torch.is_autocast_enabled("cpu")) or compensated(*a)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5, generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model[0](x)
+            out = model[3:](model[2](model[1](y)))
+        assert y.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
+        loss = out.float().square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ns.after_step(model, x)
+    if to == "cbn":
+        assert autocast_seen == [False] * 3
+        cbn, conv = model[1], model[0]
+        slot = (cbn._head - 1) % 2  # the newest entry: this last batch under the weights before the step
+        assert cbn.past_var_grad.dtype == torch.float32
+        # recompute it in float32 from the same bf16 output (weights before the last step)
+        before = copy.deepcopy(conv)
+        with torch.no_grad():
+            for p, g in zip(before.parameters(), (conv.weight.grad, conv.bias.grad)):
+                p.add_(0.05 * g)
+        stats = conv_statistics(before, x, y.float())
+        assert torch.allclose(cbn.past_var_grad[slot], stats.var_grad.flatten(1), rtol=1e-5, atol=1e-6)

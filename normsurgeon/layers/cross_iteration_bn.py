@@ -218,6 +218,10 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         return self._normalize_window(x, tap)
 
     def _normalize_window(self, x: torch.Tensor, tap) -> torch.Tensor:
+        device = x.device.type  # the statistics and their derivatives stay in float32 under autocast
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self._normalize_window(x, tap)
         self._check_input_dim(x)
         if x.ndim != 4:
             raise ValueError(f"{self._where()} expects the (N, C, H, W) output of a Conv2d, got {tuple(x.shape)}")
