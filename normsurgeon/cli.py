@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -103,6 +104,12 @@ def _batch_sizes(text: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse reads "-1e-3" as an option (its negative-number pattern has no exponent), so
+        # "--lr -1e-3" failed with "expected one argument" instead of reaching the value check
+        self._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.?\d+(?:[eE][-+]?\d+)?$")
+
     def error(self, message):  # same as argparse, but says where to look
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see '{self.prog} --help')\n")

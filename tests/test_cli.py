@@ -269,6 +269,8 @@ def test_finetune_on_an_image_folder(capsys, tmp_path):
     (("--lr", "0"), "--lr must be a positive number"),
     (("--lr", "-0.001"), "--lr must be a positive number"),
     (("--lr=-1e-3",), "--lr must be a positive number"),
+    (("--lr", "-1e-3"), "--lr must be a positive number"),  # argparse alone would read it as an option
+    (("--minutes", "-2e-1"), "expected a positive number"),
     (("--to", "nosuch"), "nosuch"),
     (("--data", "EMPTY"), "no images found"),
     (("--steps", "0"), "expected a positive integer"),
