@@ -7,7 +7,7 @@ Each target layer is built the way the converter builds it: from a native
 ``nn.BatchNorm2d(C)`` with random running statistics and affine, via
 ``get_target(name).build(match_source(bn).reader(bn), SiteInfo('x', shape), options).module``
 (``options`` from TARGET_OPTIONS: ``bgn`` gets a row with num_groups=32 and one with 'auto' at
-batch_size=8; other targets ``{}``). FLOORS are checked at the end (median / median of ref).
+batch_size=8, ``dsbn`` one with 2 domains, routed to domain 0; other targets ``{}``). FLOORS are checked at the end (median / median of ref).
 
 One timed call = ``y = layer(x)`` then ``torch.autograd.grad(y, [x] + trainable params, g)``
 with a fixed random ``g`` of y's memory format (so the input gradient is computed, as inside a
@@ -60,12 +60,14 @@ NATIVE_MATCH = {
     "proxy_ln": "nn.BatchNorm2d+ReLU",
     "bgn": "nn.BatchNorm2d",
     "iebn": "nn.BatchNorm2d",
+    "dsbn": "nn.BatchNorm2d",
 }
 
 # Targets whose build needs options: one row per entry, (row tag, options). A target not listed
 # gets one row built with no options.
 TARGET_OPTIONS = {
     "bgn": [(None, {"num_groups": 32}), ("auto B=8", {"num_groups": "auto", "batch_size": 8})],
+    "dsbn": [("2 domains", {"domains": 2})],  # routed to domain 0 (build_target)
 }
 
 # Floors: forward + backward median of the target / median of its ref, same run.
@@ -134,6 +136,8 @@ def build_target(name: str, bn: nn.BatchNorm2d, shape: tuple[int, ...], channels
         built = target.build(source, SiteInfo("x", tuple(shape)), dict(options or {}))
     except Exception as exc:  # noqa: BLE001  (reported as a skipped row)
         return None, f"build needs more: {type(exc).__name__}: {exc}"
+    if normsurgeon.domains.domain_layers(built.module):  # dsbn: every forward needs a domain
+        normsurgeon.set_domain(built.module, 0)
     return built.module, None
 
 
