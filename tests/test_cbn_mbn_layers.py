@@ -202,18 +202,25 @@ def _bn_twin(model):
     return twin
 
 
-@pytest.mark.parametrize("case", ["window1", "burnin"])
-def test_cbn_equals_batchnorm_with_window_one_and_during_burnin(case):
-    model = _conv_cbn(window=1) if case == "window1" else _conv_cbn(window=4, burnin=3)
+def _trains_like_its_bn_twin(model, batches):
+    """Train ``model`` and its BatchNorm twin on ``batches``: identical outputs and parameters
+    (same gradients → same SGD trajectory). Returns the twin."""
     twin = _bn_twin(model)
-    gen = torch.Generator().manual_seed(3)
-    batches = [torch.randn(2, 4, 5, 5, generator=gen) for _ in range(3)]
     outs, _ = _train(model, batches)
     twin_outs, _ = _train(twin, batches)
     for a, b in zip(outs, twin_outs):
         assert torch.equal(a, b)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        assert torch.equal(p, q), name  # same gradients → same SGD trajectory
+        assert torch.equal(p, q), name
+    return twin
+
+
+@pytest.mark.parametrize("case", ["window1", "burnin"])
+def test_cbn_equals_batchnorm_with_window_one_and_during_burnin(case):
+    model = _conv_cbn(window=1) if case == "window1" else _conv_cbn(window=4, burnin=3)
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(2, 4, 5, 5, generator=gen) for _ in range(3)]
+    twin = _trains_like_its_bn_twin(model, batches)
     for key in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(model[1], key), getattr(twin[1], key)), key
     if case == "burnin":  # past the burn-in the window fills: CBN departs from BN
@@ -225,15 +232,8 @@ def test_cbn_equals_batchnorm_with_window_one_and_during_burnin(case):
 def test_mbn_with_memory_one_equals_batchnorm_in_training():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3), MemorizedBatchNorm(6, memory=1), nn.ReLU(), nn.Conv2d(6, 2, 1))
-    twin = _bn_twin(model)
     gen = torch.Generator().manual_seed(4)
-    batches = [torch.randn(3, 4, 6, 6, generator=gen) for _ in range(3)]
-    outs, _ = _train(model, batches)
-    twin_outs, _ = _train(twin, batches)
-    for a, b in zip(outs, twin_outs):
-        assert torch.equal(a, b)
-    for p, q in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    _trains_like_its_bn_twin(model, [torch.randn(3, 4, 6, 6, generator=gen) for _ in range(3)])
 
 
 def test_mbn_training_is_the_weighted_pool():
