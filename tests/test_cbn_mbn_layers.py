@@ -188,7 +188,7 @@ def test_cbn_gradient_is_the_pooled_formula_through_the_current_batch(affine, fi
     expected = expected * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
     (expected * upstream).sum().backward()
     for a, b in zip(got, [leaf.grad, gamma.grad, beta.grad]):
-        assert torch.allclose(a, b, atol=1e-10), (a - b).abs().max()
+        assert torch.allclose(a, b, rtol=0, atol=1e-10), (a - b).abs().max()
 
 
 def _bn_twin(model):
@@ -477,3 +477,28 @@ def test_trains_under_bfloat16_autocast_with_float32_statistics(to):
                 p.add_(0.05 * g)
         stats = conv_statistics(before, x, y.float())
         assert torch.allclose(cbn.past_var_grad[slot], stats.var_grad.flatten(1), rtol=1e-5, atol=1e-6)
+        # the public reading of the window is the same with autocast on
+        plain = cbn.past_statistics(conv.weight, conv.bias)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = cbn.past_statistics(conv.weight, conv.bias)
+        for a, b in zip(plain, autocast):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("size", [5, 9])  # conv outputs of 25 and 81 positions: both derivative routes
+def test_bfloat16_conv_feeds_a_float32_window(size):
+    """A bf16 model whose norms are kept in float32 (a common idiom) trains with cbn, and the
+    window's entry is the derivative of the bf16 conv's output computed in float32."""
+    model = _conv_cbn(window=3).bfloat16()
+    model[1].float()
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(2, 4, size, size, generator=gen).bfloat16() for _ in range(3)]
+    outs, _ = _train(model, batches[:2], lr=0.0)  # lr 0: the weights that made the entries stay
+    assert all(bool(torch.isfinite(o.float()).all()) for o in outs)
+    conv, cbn = model[0], model[1]
+    assert cbn.past_var_grad.dtype == torch.float32 and cbn._filled == 2
+    with torch.no_grad():
+        y = conv(batches[1])
+    expected = conv_statistics(copy.deepcopy(conv).float(), batches[1].float(), y.float())
+    scale = expected.var_grad.abs().max()
+    assert torch.allclose(cbn.past_var_grad[1], expected.var_grad.flatten(1), rtol=0, atol=1e-5 * scale)

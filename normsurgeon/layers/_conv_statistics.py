@@ -175,16 +175,18 @@ def conv_statistics(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor,
 
     ``mean``/``var`` (C,) may be passed when already computed (e.g. detached from the forward);
     ``centered=True`` says ``y`` is already y − μ (then ``mean`` and ``var`` are required).
-    ``out``: (p̄, ∂σ²/∂W) destinations, see ``weight_derivatives``.
+    ``out``: (p̄, ∂σ²/∂W) destinations, see ``weight_derivatives``. Computed in the precision of
+    ``out`` if given (a bf16 conv may feed a float32 window), else in the conv weight's.
     """
     weight = conv.weight
-    y = y.detach().to(weight.dtype)
+    dtype = out[1].dtype if out is not None else weight.dtype
+    y = y.detach().to(dtype)
     count = y.shape[0] * y.shape[2] * y.shape[3]
     if centered and (mean is None or var is None):
         raise ValueError("conv_statistics(centered=True) needs the mean and var of the uncentered output")
     if mean is None or var is None:
         var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
-    mean, var = mean.detach().to(weight.dtype), var.detach().to(weight.dtype)
-    geo = conv_geometry(conv, x.detach().to(weight.dtype))
+    mean, var = mean.detach().to(dtype), var.detach().to(dtype)
+    geo = conv_geometry(conv, x.detach().to(dtype))
     patch, grad = weight_derivatives(geo, y if centered else y - mean.view(1, -1, 1, 1), weight.shape, count, out)
     return ConvStatistics(mean, var, patch, grad)

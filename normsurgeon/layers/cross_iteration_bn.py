@@ -47,6 +47,7 @@ from owning the norm (no duplicate state_dict keys; ``deepcopy`` and pickling re
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import weakref
@@ -58,6 +59,14 @@ from ._conv_statistics import conv_statistics
 from ._stateful import StepHookClient
 from .batch_group_norm import _needs_two, _running_factor, _update_running
 from .batch_norm import BatchNorm
+
+
+def _autocast_off(device_type: str):
+    """Autocast turned off on ``device_type`` while it is on there (else no change): the window's
+    statistics, dot products and derivatives stay in the precision of the layer's buffers."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _ConvTap:
@@ -165,7 +174,8 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         Δμ_i², 0) per channel (C,), and 1.0 for entries that hold data. ``rho`` overrides the
         layer's ρ (0: the stored, uncompensated statistics).
         """
-        mean, var = self._compensated(weight, bias, self.rho if rho is None else rho)
+        with _autocast_off(weight.device.type):
+            mean, var = self._compensated(weight, bias, self.rho if rho is None else rho)
         return mean, var, self.past_valid.clone()
 
     def _compensated(self, weight: torch.Tensor, bias: torch.Tensor | None, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,13 +225,10 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
             self._note_training_forward()
         if not self.training or self.window == 1 or self._steps < self.burnin:
             return super()._normalize(x)  # BatchNorm exactly
-        return self._normalize_window(x, tap)
+        with _autocast_off(x.device.type):
+            return self._normalize_window(x, tap)
 
     def _normalize_window(self, x: torch.Tensor, tap) -> torch.Tensor:
-        device = x.device.type  # the statistics and their derivatives stay in float32 under autocast
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return self._normalize_window(x, tap)
         self._check_input_dim(x)
         if x.ndim != 4:
             raise ValueError(f"{self._where()} expects the (N, C, H, W) output of a Conv2d, got {tuple(x.shape)}")
