@@ -300,9 +300,8 @@ class _WindowNorm(torch.autograd.Function):
         out = torch.batch_norm(centered, weight, bias, shift, var, False, 0.0, eps, False)
         # for the backward: BatchNorm's weight γ/n and the coefficient (1 − 1/n)·γs of g
         invstd = var.add(eps).rsqrt_()
-        bn_weight = weight / n if weight is not None else torch.full_like(var, 1 / n)
-        direct = invstd * (1 - 1 / n) if weight is None else invstd.mul(weight).mul_(1 - 1 / n)
-        ctx.save_for_backward(centered, bn_weight, shift, invstd, direct)
+        gamma = weight if weight is not None else torch.ones_like(var)
+        ctx.save_for_backward(centered, gamma / n, shift, invstd, invstd * gamma * (1 - 1 / n))
         ctx.n, ctx.eps, ctx.has_weight, ctx.has_bias = n, eps, weight is not None, bias is not None
         ctx.mark_non_differentiable(mean_t, var_t, centered)
         return out, mean_t, var_t, centered
