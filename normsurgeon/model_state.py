@@ -1,4 +1,5 @@
-"""Small helpers about a model's state: where it lives, its train/eval flags, buffers kept aside."""
+"""Small helpers about a model's state: where it lives, its train/eval flags, buffers kept aside,
+its running-statistics layers."""
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +24,26 @@ def training_flags(model: nn.Module) -> dict[nn.Module, bool]:
 def restore_training_flags(flags: dict[nn.Module, bool]) -> None:
     for m, training in flags.items():
         m.training = training
+
+
+@contextlib.contextmanager
+def flags_preserved(model: nn.Module):
+    """Every module's own ``training`` flag is given back on exit (never ``model.train(flag)``,
+    which would reset a stage the user froze with ``model.layer1.eval()``)."""
+    flags = training_flags(model)
+    try:
+        yield
+    finally:
+        restore_training_flags(flags)
+
+
+def running_statistics_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every norm that keeps running statistics, found by what it holds:
+    ``running_mean`` and ``running_var`` tensors and a ``momentum`` attribute (torch's and timm's
+    BatchNorms, normsurgeon's bn, bgn, iebn, cbn, mbn, dsbn)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(getattr(m, "running_mean", None), torch.Tensor)
+            and isinstance(getattr(m, "running_var", None), torch.Tensor) and hasattr(m, "momentum")]
 
 
 @contextlib.contextmanager

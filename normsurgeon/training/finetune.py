@@ -12,8 +12,22 @@ Loss, with s the student's logits and t the teacher's (T = ``temperature``):
     both:    (1 − label_weight) · distill + label_weight · labels
 ``loss="auto"`` distills when a teacher is given, else uses the labels.
 
+Never worse than the start, by default:
+- ``train_statistics=False``: every layer with running statistics (torch/timm BatchNorm, bn,
+  bgn, iebn, cbn, mbn, dsbn) normalizes with its population statistics during the run, as in
+  eval mode, and does not update them; γ, β and everything else train. A function-preserving
+  conversion then starts at zero distillation loss and small batches of narrow data cannot
+  overwrite the pretrained statistics. ``train_statistics=True`` trains with batch statistics
+  (what BatchNorm, BGN, CBN, MBN, IEBN do in their papers) and updates the running estimates.
+- ``keep_best=True`` with ``eval_data``: the state before the first step and every evaluated
+  state are ranked (``best_state``), and the model ends in the best one.
+- ``trainable=`` chooses what trains: "all", "norm", "head", "norm+head", glob patterns or a
+  callable (``trainable``).
+
 The model is trained in place (that is what was asked); the teacher is only read, in eval
-mode. With ``checkpoint_dir`` the run writes an atomic checkpoint every ``checkpoint_every``
+mode. A model passed in eval mode is put in train mode for the run; a model passed in train
+mode keeps the eval flags of its submodules (a stage frozen with ``model.layer1.eval()``).
+Every module's own flag is given back at the end. With ``checkpoint_dir`` the run writes an atomic checkpoint every ``checkpoint_every``
 steps and at the end, and ``history.json`` / ``history.csv``; calling ``finetune`` again with
 the same arguments resumes from it and ends with the same weights, bit for bit on CPU, as an
 uninterrupted run. A checkpoint of another model, recipe or configuration is refused before
@@ -31,20 +45,22 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..progress import Progress
-from ..model_state import device_of
+from ..model_state import device_of, flags_preserved, running_statistics_layers
 from .batches import check_inputs
+from .best_state import BestState, check_eval_size
 from .checkpoint import load_checkpoint, mismatch, model_fingerprint, rng_state, save_checkpoint, set_rng_state
 from .data_order import DataOrder
 from .feature_distillation import FeatureMatcher
 from .param_groups import param_groups
 from .step_hooks import after_step
+from .trainable import only_trainable, select_trainable
 
 LOSSES = ("auto", "distill", "labels", "both")
 
@@ -159,18 +175,18 @@ def _check_arguments(model, teacher, lr, batch_size, steps, epochs, loss, temper
 def evaluate(model: nn.Module, data, teacher: nn.Module | None = None, batch_size: int = 64,
              teacher_cache: dict | None = None) -> dict:
     """eval_agreement / eval_kl with the teacher (when given), eval_accuracy / eval_loss (when
-    labeled). Both models run in eval mode; their modes are restored."""
+    labeled), eval_images (how many). Both models run in eval mode; every module's own flag is
+    restored."""
     route = _router(model)
     order = DataOrder(data, batch_size, seed=0, what="eval_data")
     batches = order.batches(0) if order.dataset is None else _in_order(order.dataset, batch_size)
-    modes = (model.training, teacher.training if teacher is not None else None)
-    model.eval()
-    if teacher is not None:
-        teacher.eval()
     sums, count = {"agree": 0.0, "kl": 0.0, "correct": 0.0, "ce": 0.0}, 0
     labeled = False
     device = device_of(model)
-    try:
+    with flags_preserved(model), (flags_preserved(teacher) if teacher is not None else contextlib.nullcontext()):
+        model.eval()
+        if teacher is not None:
+            teacher.eval()
         for i, batch in enumerate(batches):
             x, y, d = split_batch(batch)
             x = check_inputs(x, "eval_data").to(device)
@@ -191,11 +207,7 @@ def evaluate(model: nn.Module, data, teacher: nn.Module | None = None, batch_siz
                 sums["correct"] += float((out.argmax(1) == y).sum())
                 sums["ce"] += float(F.cross_entropy(out, y, reduction="sum"))
             count += n
-    finally:
-        model.train(modes[0])
-        if teacher is not None:
-            teacher.train(modes[1])
-    metrics = {}
+    metrics = {"eval_images": count}
     if teacher is not None:
         metrics.update(eval_agreement=sums["agree"] / count, eval_kl=sums["kl"] / count)
     if labeled:
@@ -214,7 +226,9 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
              epochs: int | None = None, lr: float = 0.01, optimizer: str | Callable = "sgd",
              batch_size: int = 32, weight_decay: float = 5e-5, momentum: float = 0.9,
              scheduler: str | Callable = "cosine", warmup_steps: int = 0, loss: str = "auto",
-             temperature: float = 1.0, label_weight: float = 0.5, feature_weight: float = 0.0, eval_data=None, eval_every: int | None = None,
+             temperature: float = 1.0, label_weight: float = 0.5, feature_weight: float = 0.0,
+             eval_data=None, eval_every: int | None = None, keep_best: bool = True,
+             train_statistics: bool = False, trainable: str | Iterable[str] | Callable = "all",
              checkpoint_dir=None, checkpoint_every: int = 100, resume: bool = True, seed: int = 0,
              max_seconds: float | None = None, clock: str = "wall", grad_clip: float | None = None,
              log_every: int = 10, progress: bool = True) -> History:
@@ -224,11 +238,41 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
     ``Dataset`` (items x, (x, y) or (x, y, domain)) or a ``DataLoader``/iterable of batches.
     ``max_seconds`` stops early once that much training time (``clock`` "wall" or "cpu":
     process CPU time; evaluation excluded) has been spent; the schedule still spans ``steps``.
-    ``eval_every`` (steps) evaluates ``eval_data`` (agreement and KL with the teacher, accuracy
-    with labels); the end of training always evaluates when ``eval_data`` is given.
+    ``eval_data`` is evaluated before the first step, every ``eval_every`` steps and at the end
+    (agreement and KL with the teacher, accuracy with labels); with ``keep_best`` (default) the
+    model ends in the best evaluated state (``eval_data`` needs ≥ 8 images), and the History has
+    a ``restored_best_step`` row when that is not the last one. ``train_statistics`` (default
+    False: population statistics, frozen) and ``trainable`` (default "all") are explained in the
+    module docstring.
     """
     _check_arguments(model, teacher, lr, batch_size, steps, epochs, loss, temperature, label_weight,
                      checkpoint_every, max_seconds, clock)
+    if not isinstance(train_statistics, bool) or not isinstance(keep_best, bool):
+        raise TypeError(f"train_statistics and keep_best must be True or False, got {train_statistics!r}, "
+                        f"{keep_best!r}")
+    names = select_trainable(model, trainable)
+    with flags_preserved(model), (flags_preserved(teacher) if teacher is not None else contextlib.nullcontext()), \
+            only_trainable(model, names):
+        if not model.training:
+            model.train()
+        frozen = [] if train_statistics else [m for _, m in running_statistics_layers(model) if m.training]
+        for m in frozen:
+            m.training = False  # population statistics, not updated; the module's children keep their mode
+        if teacher is not None:
+            teacher.eval()
+        settings = {"trainable": names if len(names) < len(list(model.parameters())) else "all",
+                    "train_statistics": train_statistics, "keep_best": keep_best}
+        return _train(model, train_data, teacher, steps, epochs, lr, optimizer, batch_size, weight_decay, momentum,
+                      scheduler, warmup_steps, loss, temperature, label_weight, feature_weight, eval_data,
+                      eval_every, keep_best, len(frozen), settings, checkpoint_dir, checkpoint_every, resume, seed,
+                      max_seconds, clock, grad_clip, log_every, progress)
+
+
+def _train(model, train_data, teacher, steps, epochs, lr, optimizer, batch_size, weight_decay, momentum,
+           scheduler, warmup_steps, loss, temperature, label_weight, feature_weight, eval_data, eval_every,
+           keep_best, frozen_statistics, extra_settings, checkpoint_dir, checkpoint_every, resume, seed,
+           max_seconds, clock, grad_clip, log_every, progress) -> History:
+    """The loop of ``finetune``, with the model's modes and trainable parameters already set."""
     order = DataOrder(train_data, batch_size, seed)
     if epochs is not None:
         if order.steps_per_epoch is None:
@@ -241,13 +285,15 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                 "optimizer": optimizer if isinstance(optimizer, str) else "custom",
                 "scheduler": scheduler if isinstance(scheduler, str) else "custom",
                 "weight_decay": weight_decay, "momentum": momentum, "warmup_steps": warmup_steps,
-                "temperature": temperature, "label_weight": label_weight, "feature_weight": feature_weight}
+                "temperature": temperature, "label_weight": label_weight, "feature_weight": feature_weight,
+                **extra_settings}
     if feature_weight < 0 or (feature_weight > 0 and teacher is None):
         raise ValueError(f"feature_weight must be ≥ 0 and needs teacher= when > 0, got {feature_weight}")
     matcher = FeatureMatcher(model, teacher) if feature_weight > 0 else None
     fingerprint = {"model": model_fingerprint(model), "settings": settings}
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     history, step, epoch, position, clocks, epoch_rng = History(), 0, 0, 0, {"wall": 0.0, "cpu": 0.0}, None
+    best = BestState(labels_first=mode in ("labels", "both")) if keep_best and eval_data is not None else None
     saved = load_checkpoint(directory) if directory is not None else None
     if saved is not None:
         if not resume:
@@ -264,6 +310,8 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         step, epoch, position = saved["step"], saved["epoch"], saved["position"]
         clocks, epoch_rng = dict(saved["clocks"]), saved.get("epoch_rng")
         history = History(saved["history"])
+        if saved.get("best") is not None and best is not None:
+            best.load_state_dict(saved["best"])
         set_rng_state(saved["rng"])
 
     def checkpoint() -> None:
@@ -272,16 +320,24 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         save_checkpoint(directory, {"fingerprint": fingerprint, "model": model.state_dict(),
                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                     "step": step, "epoch": epoch, "position": position, "clocks": clocks,
-                                    "epoch_rng": epoch_rng, "rng": rng_state(), "history": list(history)})
+                                    "epoch_rng": epoch_rng, "rng": rng_state(), "history": list(history),
+                                    "best": best.state_dict() if best is not None else None})
         history.save(directory)
 
     route, device = _router(model), device_of(model)
     teacher_cache: dict = {}
-    was_training = model.training
-    model.train()
-    if teacher is not None:
-        teacher_mode = teacher.training
-        teacher.eval()
+
+    def evaluation() -> None:
+        metrics = evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)
+        if best is not None:
+            check_eval_size(metrics)
+            best.offer(step, metrics, model)
+        history.append({"step": step, **metrics})
+
+    if step == 0 and frozen_statistics:
+        history.append({"step": 0, "frozen_statistics": frozen_statistics})
+    if step == 0 and eval_data is not None:
+        evaluation()  # the start: a run with keep_best never ends below it
     by_time = max_seconds is not None  # the bar counts the budget's clock, not the step cap
     bar = (Progress("finetune", total=round(max_seconds), unit=f"{clock}-s", initial=round(clocks[clock]),
                     enabled=progress) if by_time else
@@ -360,7 +416,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                         bar.update(window["n"], **postfix)
                     window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
                 if eval_data is not None and eval_every and step % eval_every == 0 and step < steps and not out_of_time:
-                    history.append({"step": step, **evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)})
+                    evaluation()
                 if step % checkpoint_every == 0 or step == steps:
                     checkpoint()
                 if step >= steps or out_of_time:
@@ -372,15 +428,17 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                 epoch, position = epoch + 1, 0
         evaluated = any(r.get("step") == step and any(k.startswith("eval_") for k in r) for r in history)
         if eval_data is not None and not evaluated:
-            history.append({"step": step, **evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)})
+            evaluation()
         if out_of_time:
             history.append({"step": step, "stopped": f"max_seconds={max_seconds} ({clock} clock) reached"})
-        checkpoint()
+        checkpoint()  # the last state: a resumed or continued run goes on from it, not from the best
+        if best is not None and best.step != step:
+            best.restore(model)
+            history.append({"step": step, "restored_best_step": best.step, f"best_{best.metric}": best.score[0]})
+            if directory is not None:
+                history.save(directory)
     finally:
         bar.close()
         if matcher is not None:
             matcher.remove()
-        model.train(was_training)
-        if teacher is not None:
-            teacher.train(teacher_mode)
     return history

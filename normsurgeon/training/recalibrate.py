@@ -27,15 +27,10 @@ import itertools
 import torch
 from torch import nn
 
-from ..model_state import buffers_restored, device_of, restore_training_flags, training_flags
+from ..model_state import (buffers_restored, device_of, restore_training_flags, running_statistics_layers,
+                           training_flags)
 from .batches import check_inputs
 from .finetune import _router, split_batch
-
-
-def running_statistics_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(getattr(m, "running_mean", None), torch.Tensor)
-            and isinstance(getattr(m, "running_var", None), torch.Tensor) and hasattr(m, "momentum")]
 
 
 @torch.no_grad()

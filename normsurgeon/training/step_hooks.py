@@ -20,6 +20,8 @@ The protocol a layer implements (both optional):
   ``refreshing = True`` on such layers for that forward and runs the model in its current
   mode. Every other buffer of the model (other BatchNorms' running statistics, counters) is
   restored afterwards, so the refresh forward changes only what the refreshing layers write.
+  A layer in eval mode (statistics frozen, e.g. by ``finetune``'s default) takes no part: it
+  is not refreshed and its hook is not called (its statistics did not train in that step).
 """
 from __future__ import annotations
 
@@ -48,11 +50,11 @@ def after_step(model: nn.Module, inputs: Any = None) -> None:
     ``inputs`` is what the model was called with (a tensor, or a tuple of positional
     arguments); it is needed only when a layer refreshes after the step (Memorized BN).
     """
-    layers = [m for _, m in stateful_layers(model)]
+    layers = [m for _, m in stateful_layers(model) if m.training]  # frozen (eval-mode) layers sit the step out
     refreshing = [m for m in layers if getattr(m, "refreshes_after_step", False)]
     if refreshing:
         if inputs is None:
-            names = [n for n, m in stateful_layers(model) if getattr(m, "refreshes_after_step", False)]
+            names = [n for n, m in stateful_layers(model) if getattr(m, "refreshes_after_step", False) and m.training]
             raise ValueError(f"after_step needs the batch the step was computed on: {len(names)} layers "
                              f"(e.g. {names[0]!r}) re-run it under the new weights. Call "
                              f"normsurgeon.after_step(model, inputs).")
