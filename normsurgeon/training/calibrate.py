@@ -13,10 +13,20 @@ is over all batches: the hook accumulates Σz₀, Σz₀², Σz₀·t, Σt per c
 z₀ = (z − B)/A is the pre-activation under the initial (γ₀, β₀) and (A, B) the current map,
 and solves for (A, B) (moment matching by default, or least squares). Cost: one forward of each model per batch, no backward.
 Both models run in eval mode (batch-statistics targets use their running statistics).
+
+A fit is kept only when it does not make the model worse on images it was not fitted on:
+``holdout`` images (every 4th image of ``data`` by default, or data of their own) are left
+out of the fit, and the calibrated model must rank no lower than the uncalibrated one on
+them by (top-1 agreement with the original, −KL), compared in that order. Otherwise the
+model comes back uncalibrated, with a warning that gives both numbers. The fit itself runs
+on augmented views of each batch (the batch, its mirror image and a zoomed crop of it), so
+the moments come from more than the exact pixels of a few images.
 """
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -118,8 +128,46 @@ def _preactivation_hooks(fits: dict[str, _SiteFit], targets: dict[str, torch.Ten
     return handles
 
 
+def augmented_views(x: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    """x (N, C, H, W) → [x, x mirrored left-right, a random crop of 50–100% of the area, aspect
+    3/4–4/3, resized back to H×W (one box for the whole batch)]."""
+    views = [x, x.flip(-1)]
+    if x.ndim == 4 and min(x.shape[-2:]) >= 8:
+        height, width = x.shape[-2:]
+        area = float(torch.empty(()).uniform_(0.5, 1.0, generator=generator))
+        aspect = math.exp(float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)))
+        h = max(1, min(height, round(math.sqrt(area * height * width / aspect))))
+        w = max(1, min(width, round(math.sqrt(area * height * width * aspect))))
+        top = int(torch.randint(0, height - h + 1, (), generator=generator))
+        left = int(torch.randint(0, width - w + 1, (), generator=generator))
+        crop = x[..., top:top + h, left:left + w]
+        views.append(torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear",
+                                                     align_corners=False, antialias=True))
+    return views
+
+
+def _split_holdout(batches: list[torch.Tensor], holdout) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """(batches to fit on, held-out images or None). A fraction f holds out every round(1/f)-th image."""
+    if holdout is None or (isinstance(holdout, (int, float)) and not isinstance(holdout, bool) and holdout == 0):
+        return batches, None
+    if isinstance(holdout, (int, float)) and not isinstance(holdout, bool):
+        if not 0 < holdout < 1:
+            raise ValueError(f"calibrate: holdout must be a fraction in (0, 1), held-out data, or None, got {holdout!r}")
+        images = torch.cat(batches)
+        if len(images) < 2:
+            raise ValueError(f"calibrate: {len(images)} image cannot be split into a fit and a held-out part; give "
+                             f"more images, held-out data (holdout=...), or holdout=None to skip the check")
+        every = max(2, round(1 / holdout))
+        held = torch.zeros(len(images), dtype=torch.bool)
+        held[every - 1::every] = True
+        size = batches[0].shape[0]
+        return list(images[~held].split(size)), images[held]
+    return batches, torch.cat(list(input_batches(holdout, None, "calibrate holdout")))
+
+
 def calibrate(converted: nn.Module, original: nn.Module, data, *, num_batches: int | None = None,
-              method: str = "moments", inplace: bool = False) -> nn.Module:
+              method: str = "moments", inplace: bool = False, augment: bool = True,
+              holdout: float | torch.Tensor | None = 0.25) -> nn.Module:
     """Refit the affine of every norm site of ``converted`` to the original's pre-activations.
 
     ``data``: a tensor (one batch) or an iterable of batches (tensors or (x, y) pairs),
@@ -130,7 +178,11 @@ def calibrate(converted: nn.Module, original: nn.Module, data, *, num_batches: i
     them), and on the embedded EfficientNet-Lite0 lowered top-1 agreement. Returns the calibrated model (a copy
     unless ``inplace=True``; ``original`` is never modified) with
     ``model.normsurgeon_calibration``: one dict per site (site, mse_before on the first batch,
-    mse_after over all batches, scale and shift statistics) plus skipped sites with a reason.
+    mse_after over all batches, scale and shift statistics) plus skipped sites with a reason,
+    and ``model.normsurgeon_calibration_check``: the held-out agreement and KL before and after,
+    and whether the fit was kept. ``augment`` fits on augmented views (``augmented_views``);
+    ``holdout`` is the fraction of ``data`` held out (every 4th image by default), held-out data
+    of its own (then all of ``data`` is fitted), or None to keep the fit unchecked.
     """
     if not isinstance(converted, nn.Module) or not isinstance(original, nn.Module):
         raise TypeError("calibrate(converted, original, data): both models must be nn.Modules")
@@ -138,7 +190,7 @@ def calibrate(converted: nn.Module, original: nn.Module, data, *, num_batches: i
         raise ValueError("calibrate needs two different models: the converted one and the original")
     if method not in METHODS:
         raise ValueError(f"calibrate: method must be one of {METHODS}, got {method!r}")
-    model = converted if inplace else copy.deepcopy(converted)
+    model = copy.deepcopy(converted)  # fitted on a copy: a rejected fit leaves ``converted`` as it was
     original_sites = {s.name: s for s in find_sites(original) if s.match.reader is not None}
     fits, rows = {}, []
     for site in find_sites(model):
@@ -164,20 +216,23 @@ def calibrate(converted: nn.Module, original: nn.Module, data, *, num_batches: i
     original.eval()
     model.eval()
     device = device_of(model)
+    batches, held_out = _split_holdout(list(input_batches(data, num_batches, "calibrate")), holdout)
+    generator = torch.Generator().manual_seed(0)
     targets: dict[str, torch.Tensor] = {}
     record = attach_preactivation_hooks(original, lambda name, t: targets.__setitem__(name, t.clone()),
                                         include=list(fits))  # clone: the activation may run in place
     refit = _preactivation_hooks(fits, targets, method)
     try:
         with torch.no_grad():
-            for x in input_batches(data, num_batches, "calibrate"):
-                targets.clear()
-                original(x.to(device_of(original)))
-                model(x.to(device))
-                missing = [n for n in fits if n in targets]
-                if missing:
-                    raise RuntimeError(f"calibrate: site {missing[0]!r} ran in the original but not in the "
-                                       f"converted model; the models do not correspond")
+            for batch in batches:
+                for x in (augmented_views(batch, generator) if augment else [batch]):
+                    targets.clear()
+                    original(x.to(device_of(original)))
+                    model(x.to(device))
+                    missing = [n for n in fits if n in targets]
+                    if missing:
+                        raise RuntimeError(f"calibrate: site {missing[0]!r} ran in the original but not in the "
+                                           f"converted model; the models do not correspond")
     finally:
         for h in record + refit:
             h.remove()
@@ -188,5 +243,35 @@ def calibrate(converted: nn.Module, original: nn.Module, data, *, num_batches: i
                      if fit.mse_before is not None else None,
                      "scale_min": float(fit.scale.min()), "scale_max": float(fit.scale.max()),
                      "shift_abs_max": float(fit.shift.abs().max())})
-    model.normsurgeon_calibration = rows
-    return model
+    check = _held_out_check(converted, model, original, held_out)
+    result = model
+    if not check["kept"]:
+        warnings.warn(f"calibrate: fit rejected, the model is returned uncalibrated: on {check['held_out']} held-out "
+                      f"images top-1 agreement with the original would go {check['agreement_before']:.1%} → "
+                      f"{check['agreement_after']:.1%} and KL {check['kl_before']:.3g} → {check['kl_after']:.3g}. "
+                      f"Calibrate on more varied images, or pass holdout=None to keep the fit anyway.",
+                      UserWarning, stacklevel=2)
+        result = converted if inplace else copy.deepcopy(converted)
+    elif inplace:
+        converted.load_state_dict(model.state_dict())
+        result = converted
+    result.normsurgeon_calibration = rows
+    result.normsurgeon_calibration_check = check
+    return result
+
+
+def _held_out_check(before: nn.Module, after: nn.Module, original: nn.Module, held_out) -> dict:
+    """Agreement and KL with the original on ``held_out``, before and after the fit; kept when the
+    agreement rises, or stays and the KL does not rise (beyond 1e-6 + 0.1 %)."""
+    if held_out is None:
+        return {"held_out": 0, "kept": True}
+    from .finetune import evaluate
+
+    cache: dict = {}
+    m0 = evaluate(before, held_out, original, teacher_cache=cache)
+    m1 = evaluate(after, held_out, original, teacher_cache=cache)
+    tolerance = 1e-6 + 1e-3 * abs(m0["eval_kl"])  # float noise of an exact model is not a loss
+    kept = m1["eval_agreement"] > m0["eval_agreement"] or (
+        m1["eval_agreement"] == m0["eval_agreement"] and m1["eval_kl"] <= m0["eval_kl"] + tolerance)
+    return {"held_out": m0["eval_images"], "agreement_before": m0["eval_agreement"], "kl_before": m0["eval_kl"],
+            "agreement_after": m1["eval_agreement"], "kl_after": m1["eval_kl"], "kept": kept}
