@@ -238,7 +238,8 @@ SAMPLE_IMAGE_NAMES: tuple[str, ...] = (
 )
 #: Grayscale photos of ``skimage.data``; not in the default set, replicated to 3
 #: channels when asked for by name.
-GRAYSCALE_IMAGE_NAMES: tuple[str, ...] = ("camera", "coins", "moon", "clock", "page", "grass", "gravel", "brick")
+GRAYSCALE_IMAGE_NAMES: tuple[str, ...] = ("camera", "coins", "moon", "clock", "page", "grass", "gravel", "brick",
+                                          "cell")
 #: The two photos scikit-learn ships (``sklearn.datasets.load_sample_images``), by file stem.
 SKLEARN_IMAGE_NAMES: tuple[str, ...] = ("china", "flower")
 
