@@ -211,14 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = ft.add_argument_group("data")
     g.add_argument("--data", metavar="DIR",
                    help="folder of images (.jpg/.png/..., subfolders too; labels are not used): every "
-                        "5th image is held out for the agreement; default: random crops of the offline "
-                        "photos (normsurgeon.photo_crops), held-out crops and held-out photos")
+                        "5th image is held out, to measure agreement and to choose what is kept; default: random "
+                        "crops of the offline photos (normsurgeon.photo_crops): training photos, validation photos "
+                        "that choose what is kept, and held-out crops and photos that measure it")
     g.add_argument("--eval-data", metavar="DIR",
                    help="folder of held-out images (with --data: then all of --data trains)")
     g.add_argument("--size", type=_positive_int, metavar="PX",
                    help="input size in pixels (default: the model's, else 224)")
     g.add_argument("--eval-images", type=_positive_int, default=96, metavar="N",
-                   help="held-out crops per set with the default data (default 96)")
+                   help="crops per validation and held-out set with the default data (default 96)")
     g = ft.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, metavar="N",
                    help="optimizer steps (default 100; with --minutes alone: until the time is spent)")
@@ -231,6 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=20, metavar="N", help="linear warm-up (default 20)")
     g.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="default 16")
     g.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
+    g.add_argument("--eval-every", type=_positive_int, default=25, metavar="N",
+                   help="steps between evaluations on the validation images (default 25); the best evaluated "
+                        "state, the start included, is kept")
+    g.add_argument("--keep-last", action="store_true", help="keep the last state instead of the best evaluated one")
+    g.add_argument("--train-statistics", action="store_true",
+                   help="train with batch statistics and update the running estimates (default: BatchNorm-type "
+                        "layers keep their population statistics)")
+    g.add_argument("--trainable", default="all", metavar="WHICH",
+                   help="what trains: all (default), norm, head, norm+head")
     g.add_argument("--checkpoint-dir", metavar="DIR",
                    help="write resumable checkpoints here; the same command again resumes from them")
     g.add_argument("--checkpoint-every", type=_positive_int, default=50, metavar="N",
@@ -461,7 +471,7 @@ def cmd_finetune(args) -> int:
     import normsurgeon as ns
 
     from .data import find_images, load_image_folder
-    from .photo_crops import HELDOUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops
+    from .photo_crops import HELDOUT_PHOTOS, TRAIN_PHOTOS, VALIDATION_PHOTOS, PhotoCrops
 
     options = _check_selection(args)
     if not (args.lr > 0 and args.lr < float("inf")):
@@ -502,8 +512,10 @@ def cmd_finetune(args) -> int:
             keep = torch.ones(len(x), dtype=torch.bool)
             keep[held] = False
             train, sets = x[keep], {"held-out images": x[held]}
+        validation = sets["held-out images"]  # also decides what is kept: the reported numbers are optimistic
         calibration = list(train[:CALIBRATION_IMAGES].split(args.batch_size))
-        source = f"{len(train)} images from {args.data}, {size} px (the same each epoch)"
+        source = (f"{len(train)} images from {args.data}, {size} px (the same each epoch); the held-out images also "
+                  f"decide which calibration and which training state are kept")
     else:
         print("cropping the offline photos ...", file=sys.stderr, flush=True)
         crops = dict(size=size, mean=mean, std=std)
@@ -511,17 +523,33 @@ def cmd_finetune(args) -> int:
         sets = {"new crops of the training photos": PhotoCrops(TRAIN_PHOTOS, args.eval_images, seed=3, **crops).batch(),
                 "crops of held-out photos": PhotoCrops(HELDOUT_PHOTOS, args.eval_images, seed=2, **crops).batch()}
         calibration = list(PhotoCrops(TRAIN_PHOTOS, CALIBRATION_IMAGES, seed=1, **crops).batch().split(args.batch_size))
+        validation = PhotoCrops(VALIDATION_PHOTOS, args.eval_images, seed=4, **crops).batch()
         source = (f"random crops of {len(TRAIN_PHOTOS)} offline photos (normsurgeon.photo_crops), {size} px; "
-                  f"held out: other crops of them and crops of {len(HELDOUT_PHOTOS)} other photos")
+                  f"crops of {len(VALIDATION_PHOTOS)} other photos decide which calibration and which training state "
+                  f"are kept; held out: other crops of the training photos and crops of {len(HELDOUT_PHOTOS)} "
+                  f"photos used nowhere else")
     _out(f"model: {_model_label(args.model)}, converted to {args.to!r}, distilled from the original")
     _out(f"data: {source}")
     converted = ns.convert(model, args.to, include=args.include, exclude=args.exclude, **options)
     measure = _Agreement(model, sets, batch_size=2 * args.batch_size)
     _out(f"before (converted): {measure.line(measure(converted))}")
     if args.calibrate:
-        converted = ns.calibrate(converted, model, calibration, inplace=True)
-        _out(f"after calibrate ({sum(len(b) for b in calibration)} training images): "
-             f"{measure.line(measure(converted))}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a rejection is reported below
+            converted = ns.calibrate(converted, model, calibration, inplace=True, holdout=validation)
+        check = converted.normsurgeon_calibration_check
+        images = sum(len(b) for b in calibration)
+        if check["kept"]:
+            _out(f"after calibrate ({images} training images): {measure.line(measure(converted))}")
+        else:
+            _out(_wrap(f"calibrate ({images} training images): rejected, the fit would lower agreement on the "
+                       f"{check['held_out']} validation images ({check['agreement_before']:.1%} → "
+                       f"{check['agreement_after']:.1%}, KL {check['kl_before']:.3g} → {check['kl_after']:.3g}); "
+                       f"fine-tuning starts from the converted model"))
+    keep_best = not args.keep_last and len(validation) >= 8
+    if not args.keep_last and not keep_best:
+        _out(f"note: {len(validation)} validation images are too few to rank training states (8 needed): the last "
+             f"state is kept")
     by_time = steps == UNLIMITED_STEPS  # no step count to show progress against: show CPU time
     bar = _CpuTimeProgress(converted, 60 * args.minutes) if by_time else None
     try:
@@ -530,15 +558,20 @@ def cmd_finetune(args) -> int:
                               warmup_steps=args.warmup_steps, seed=args.seed, checkpoint_dir=args.checkpoint_dir,
                               checkpoint_every=args.checkpoint_every,
                               max_seconds=None if args.minutes is None else 60 * args.minutes, clock="cpu",
-                              progress=not by_time)
+                              progress=not by_time, eval_data=validation if keep_best else None,
+                              eval_every=args.eval_every, keep_best=keep_best,
+                              train_statistics=args.train_statistics, trainable=args.trainable)
     finally:
         if bar is not None:
             bar.close()
     done = max((r["step"] for r in history if "step" in r), default=0)
     cpu = max((r.get("cpu_s", 0.0) for r in history), default=0.0)
     stopped = next((r["stopped"] for r in reversed(history) if "stopped" in r), None)
+    restored = next((r for r in history if "restored_best_step" in r), None)
+    kept = (f"; kept the state of step {restored['restored_best_step']}, the best on the validation images"
+            if restored else "")
     _out(f"after fine-tuning ({done} steps, {cpu / 60:.2f} CPU minutes"
-         f"{', stopped: ' + stopped if stopped else ''}): {measure.line(measure(converted))}")
+         f"{', stopped: ' + stopped if stopped else ''}{kept}): {measure.line(measure(converted))}")
     ns.save(converted, args.output)
     written = [args.output] + _save_history(history, args.output)
     imports, expr = _base_expression(args.model, args.num_classes)

@@ -6,24 +6,26 @@ in ``ratio`` (log-uniform), a horizontal flip with probability 1/2, a bicubic re
 size×size, then (x − mean)/std. Deterministic items make fine-tuning resumable exactly and
 let held-out crops be fixed.
 
-The photos are split for the studies and the demo: ``TRAIN_PHOTOS`` for calibration and
-distillation, ``HELDOUT_PHOTOS`` (different photos, not only different crops) for measuring
-agreement with the original. ``motorcycle_right`` is left out of both (it is nearly
-``motorcycle_left``).
+The photos are split for the studies and ``normsurgeon finetune``'s default data:
+``TRAIN_PHOTOS`` for calibration and distillation, ``VALIDATION_PHOTOS`` for deciding what to
+keep (calibrate's held-out check, fine-tuning's best state) and ``HELDOUT_PHOTOS`` for
+measuring agreement with the original — three sets of different photos, not only different
+crops. ``motorcycle_right`` is left out (it is nearly ``motorcycle_left``).
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .zoo import LITE0_MEAN, LITE0_STD, _load_skimage_photo
+from .photo_task import load_photo, random_box
+from .zoo import LITE0_MEAN, LITE0_STD
 
 TRAIN_PHOTOS: tuple[str, ...] = ("chelsea", "astronaut", "rocket", "motorcycle_left", "hubble_deep_field",
-                                 "immunohistochemistry", "china", "camera", "coins", "grass", "brick", "clock")
+                                 "immunohistochemistry", "camera", "grass", "brick", "clock")
+VALIDATION_PHOTOS: tuple[str, ...] = ("grace_hopper", "cell", "coins", "china")
 HELDOUT_PHOTOS: tuple[str, ...] = ("coffee", "flower", "retina", "moon", "gravel", "page")
 
 
@@ -44,21 +46,10 @@ class PhotoCrops(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         for name in self.names:
-            _load_skimage_photo(name)  # fail now on an unknown name
+            load_photo(name)  # fail now on an unknown name
 
     def __len__(self) -> int:
         return self.count
-
-    def _box(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
-        """(top, left, h, w) of a box with area fraction in ``scale``, log-uniform aspect ratio."""
-        for _ in range(10):
-            area = height * width * rng.uniform(*self.scale)
-            aspect = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
-            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-            if 0 < w <= width and 0 < h <= height:
-                return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-        side = min(height, width)  # fallback: the central square
-        return (height - side) // 2, (width - side) // 2, side, side
 
     def __getitem__(self, index: int) -> torch.Tensor:
         from PIL import Image
@@ -66,8 +57,8 @@ class PhotoCrops(Dataset):
         if not 0 <= index < self.count:
             raise IndexError(f"PhotoCrops index {index} out of range [0, {self.count})")
         rng = np.random.default_rng([self.seed, index])
-        photo = _load_skimage_photo(self.names[index % len(self.names)])
-        top, left, h, w = self._box(rng, *photo.shape[:2])
+        photo = load_photo(self.names[index % len(self.names)])
+        top, left, h, w = random_box(rng, *photo.shape[:2], self.scale, self.ratio)
         image = Image.fromarray(photo[top:top + h, left:left + w]).resize((self.size, self.size), Image.BICUBIC)
         pixels = np.asarray(image, dtype=np.float32) / 255.0
         if rng.random() < 0.5:

@@ -144,7 +144,7 @@ class PhotoTask:
                 f"{len(self.train[1])} train, {len(self.val[1])} val, {len(self.test[1])} test")
 
 
-def _box(rng: np.random.Generator, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
+def random_box(rng: np.random.Generator, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a box inside a height × width tile: area fraction in ``scale``,
     log-uniform aspect ratio in ``ratio``; the central square when ten draws do not fit."""
     for _ in range(10):
@@ -226,7 +226,7 @@ def photo_task(photos: str | Path | Sequence[str | Path] | None = None, *, size:
                 rng = np.random.default_rng([seed, label, split, k])
                 tile = int(owned[k % len(owned)])
                 row, col = divmod(tile, grid)
-                top, left, h, w = _box(rng, th, tw, scale, ratio)
+                top, left, h, w = random_box(rng, th, tw, scale, ratio)
                 y0, x0 = row * th + top, col * tw + left
                 crop = Image.fromarray(photo[y0:y0 + h, x0:x0 + w]).resize((size, size), Image.BICUBIC)
                 x = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)
