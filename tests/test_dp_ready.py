@@ -230,6 +230,20 @@ def test_an_inplace_op_in_an_already_rewritten_forward_is_made_out_of_place():
     torch.testing.assert_close(ready(x), new(x))
 
 
+@pytest.mark.parametrize("layout", ["channels_last model", "timm LayerNorm2d before a conv"])
+def test_channels_last_activations_get_exact_conv_per_sample_gradients(layout):
+    """Opacus's own conv rule reads channels-last activations wrongly; make_dp_ready's
+    contiguous conv inputs fix it (without them these per-sample errors are ~1)."""
+    needs_opacus()
+    norm = layers.GroupNorm(4, 2) if layout == "channels_last model" else timm.layers.LayerNorm2d(4)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), norm, nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 5))
+    if layout == "channels_last model":
+        model = model.to(memory_format=torch.channels_last)
+    assert max(per_sample_errors(model, 8).values()) > 0.1  # the defect, as Opacus has it
+    ready = ns.make_dp_ready(model, input_size=(3, 8, 8))
+    assert max(per_sample_errors(ready, 8).values()) < 1e-9
+
+
 # ---- refusals ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("to,options", [("bn", {}), ("bgn", {"num_groups": 2}), ("iebn", {}), ("cbn", {}),

@@ -12,8 +12,11 @@ Checks, before anything is changed (a refusal names every site and says what to 
      weights) no FrozenBatchNorm / PN-Act, which have no expanded-weights rule.
   3. Opacus's ``ModuleValidator.validate`` finds nothing else (LSTM, MultiheadAttention, ...).
 Then, on a copy unless ``inplace=True``: in-place ops that break Opacus's per-sample hooks are
-made out of place (``out_of_place.py``; 'ew' uses no hooks) and normsurgeon's grad samplers are
-registered (``grad_samplers.py``). Train/eval flags stay as they are.
+made out of place (``out_of_place.py``; 'ew' uses no hooks), every trainable conv gets its input
+made contiguous first (Opacus 1.6's conv grad sampler silently returns wrong per-sample
+gradients for channels-last activations: a ``channels_last`` model or input, timm's
+``LayerNorm2d`` before a conv), and normsurgeon's grad samplers are registered
+(``grad_samplers.py``). Train/eval flags stay as they are.
 """
 from __future__ import annotations
 
@@ -78,6 +81,18 @@ def _layer_problem(module: nn.Module, mode: str) -> str | None:
                 f"exact per-sample gradient through the proxy grid: freeze them or convert the site "
                 f"to 'gn'/'ln'")
     return None
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the input as a contiguous tensor (a no-op when it already is)."""
+    return (args[0].contiguous(),) + args[1:] if args and isinstance(args[0], torch.Tensor) else args
+
+
+def _contiguous_conv_inputs(model: nn.Module) -> int:
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and _trainable(m)]
+    for conv in convs:
+        conv.register_forward_pre_hook(_contiguous_input)
+    return len(convs)
 
 
 def _opacus_errors(model: nn.Module) -> list[str]:
@@ -146,5 +161,9 @@ def make_dp_ready(model: nn.Module, *, grad_sample_mode: str = "hooks", inplace:
     if grad_sample_mode != "ew":
         size = tuple(input_size) if input_size else default_input_size(work)
         changes = make_out_of_place(work, torch.zeros((2,) + size))
+        convs = _contiguous_conv_inputs(work)
+        if convs:
+            changes.append(f"contiguous input for {convs} conv(s) (Opacus's conv grad sampler "
+                           f"misreads channels-last activations)")
     work.normsurgeon_dp_changes = changes
     return work
