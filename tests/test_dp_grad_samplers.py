@@ -200,3 +200,14 @@ def test_no_normsurgeon_layer_has_buffers_when_it_trains():
         layer = make(False)
         assert list(layer.buffers()) == [], type(layer).__name__
         assert GradSampleModule.validate(nn.Sequential(layer), strict=False) == []
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_an_empty_batch_gives_empty_per_sample_gradients(name):
+    """Poisson sampling (make_private's default) can draw an empty batch."""
+    net, _, _ = make_case(name, False)
+    wrapped = GradSampleModule(net, loss_reduction="sum")
+    wrapped(torch.zeros(0, 3, 7, 7, dtype=torch.float64)).sum().backward()
+    for p in net.parameters():
+        if p.requires_grad:
+            assert p.grad_sample.shape == (0,) + p.shape

@@ -37,8 +37,8 @@ def _in_layout(layer: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 
 def _per_channel(t: torch.Tensor) -> torch.Tensor:
-    """(N, C, *) → (N, C): the sum over positions."""
-    return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+    """(N, C, *) → (N, C): the sum over positions (N may be 0: Poisson sampling's empty batches)."""
+    return t.sum(tuple(range(2, t.ndim))) if t.ndim > 2 else t
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
