@@ -165,11 +165,14 @@ def test_the_users_model_is_left_alone_and_flags_are_kept():
     torch.testing.assert_close(ready.eval()(x), new.eval()(x))
 
 
-def test_inplace_prepares_the_model_itself():
+def test_inplace_prepares_the_model_itself_and_a_second_call_changes_nothing():
     needs_opacus()
     new = converted("resnet18", "gn", 32)
     assert ns.make_dp_ready(new, inplace=True, input_size=(3, 32, 32)) is new
-    assert not new.relu.inplace
+    assert not new.relu.inplace and len(new.conv1._forward_pre_hooks) == 1
+    block_forward = new.layer1[0].forward
+    assert ns.make_dp_ready(new, inplace=True, input_size=(3, 32, 32)).normsurgeon_dp_changes == []
+    assert new.layer1[0].forward is block_forward and len(new.conv1._forward_pre_hooks) == 1
 
 
 class InplaceBlock(nn.Module):

@@ -89,7 +89,9 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
 
 
 def _contiguous_conv_inputs(model: nn.Module) -> int:
-    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and _trainable(m)]
+    """Hook every trainable conv that is not hooked yet (a second make_dp_ready adds none)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) and _trainable(m)
+             and _contiguous_input not in m._forward_pre_hooks.values()]
     for conv in convs:
         conv.register_forward_pre_hook(_contiguous_input)
     return len(convs)

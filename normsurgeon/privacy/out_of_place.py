@@ -15,8 +15,7 @@ ops (``forward_rewrite``: same class, methods and state_dict keys). FX records `
 ``a + b`` already; ``x.relu_()``, ``torch.relu_(x)`` and ``inplace=True`` arguments are
 replaced by their out-of-place forms, whose result later users of the mutated value then read.
 Repeat until the probe passes. (A view of the mutated value taken before the op would still
-see the old value: the output of each rewritten model is compared with the original's in the
-tests.)
+see the old value; FX's own record of ``a += b`` has the same limit.)
 """
 from __future__ import annotations
 
