@@ -294,6 +294,10 @@ def test_unsupported_layers_are_refused_naming_them():
     assert "2: its fused Dropout is random" in text
     assert "3: its activation PReLU has trainable parameters" in text
     assert "Opacus's ModuleValidator" in text and "LSTM" in text
+    fused_prelu = nn.Sequential(nn.Conv2d(3, 4, 1), layers.GroupNorm(4, 2, act=nn.PReLU()))
+    ns.make_dp_ready(fused_prelu, input_size=(3, 4, 4))  # exact with hooks (test_dp_grad_samplers)
+    with pytest.raises(NotDPReady, match=r"1: its fused activation PReLU .*'functorch' Opacus counts"):
+        ns.make_dp_ready(fused_prelu, grad_sample_mode="functorch")
     with pytest.raises(ValueError, match="grad_sample_mode='hook'.*'hooks'"):
         ns.make_dp_ready(nn.Linear(2, 2), grad_sample_mode="hook")
 

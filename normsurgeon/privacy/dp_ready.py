@@ -63,6 +63,12 @@ def _trainable(module: nn.Module) -> bool:
 
 def _layer_problem(module: nn.Module, mode: str) -> str | None:
     """Why ``module`` (trainable) gets no exact per-sample gradient in ``mode``, or None."""
+    act = getattr(module, "act", None)
+    if isinstance(module, layers.base.FusedActLayout) and mode in ("functorch", "ew") \
+            and any(p.requires_grad for p in act.parameters()):
+        return (f"its fused activation {type(act).__name__} has trainable parameters: with "
+                f"grad_sample_mode={mode!r} Opacus counts them twice or has no rule for them; use "
+                f"'hooks' (the default) or 'ghost'")
     if mode == "ew":
         if isinstance(module, (layers.FrozenBatchNorm, layers.ProxyNormAct)):
             return (f"{type(module).__name__} has no rule under torch's expanded weights: use "

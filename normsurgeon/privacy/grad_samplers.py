@@ -54,12 +54,14 @@ def _refuse_drop(layer: nn.Module) -> None:
 
 
 def _pull_back(layer: nn.Module, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """∂L/∂y from g = ∂L/∂act(y), both in the layer's layout (act is elementwise)."""
+    """∂L/∂y from g = ∂L/∂act(y), both in the layer's layout (act is elementwise). ``forward``
+    is called, not the module: a trainable act (PReLU) has Opacus's hooks of its own, which must
+    not see this replay."""
     if type(layer.act) is nn.Identity:
         return g
     with torch.enable_grad():
         y = y.detach().requires_grad_(True)
-        out = layer.act(y.clone())  # clone: an in-place act must not overwrite the leaf
+        out = layer.act.forward(y.clone())  # clone: an in-place act must not overwrite the leaf
     return torch.autograd.grad(out, y, g)[0]
 
 
