@@ -94,7 +94,11 @@ def test_frozen_batch_norm_is_a_fixed_affine_map_in_both_modes():
     for mode in (True, False):
         np.testing.assert_allclose(fb.train(mode)(X).detach().numpy(), expected, atol=1e-5)
     assert [n for n, _ in fb.named_parameters()] == []
-    assert {n for n, _ in layers.FrozenBatchNorm(C, trainable_affine=True).named_parameters()} == {"weight", "bias"}
+    trainable = layers.FrozenBatchNorm(C, trainable_affine=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == {"weight", "bias"}
+    # the statistics stay frozen, as Parameters (Opacus refuses buffers in a trainable layer)
+    assert list(trainable.buffers()) == []
+    assert set(trainable.state_dict()) == {"weight", "bias", "running_mean", "running_var"}
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3, 6])

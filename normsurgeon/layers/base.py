@@ -49,6 +49,16 @@ class FusedActLayout:
             y = fn(x)
         return self._epilogue(y)
 
+    def _refuse_expanded_weights(self) -> None:
+        """Opacus's ``grad_sample_mode="ew"`` hands the forward torch's ``ExpandedWeight``
+        parameters, which only conv/linear/embedding and F.group_norm/layer_norm/instance_norm
+        accept. Layers that compute with γ otherwise call this first, for an error naming them."""
+        if type(getattr(self, "weight", None)).__name__ == "ExpandedWeight":
+            raise NotImplementedError(
+                f"{self._where()} has no per-sample gradient rule in Opacus's grad_sample_mode='ew' "
+                f"(torch's expanded weights). Use grad_sample_mode='hooks' (the default), 'functorch' "
+                f"or 'ghost', after normsurgeon.make_dp_ready(model).")
+
     def _where(self) -> str:
         name = type(self).__name__
         return f"{name} at '{self.site_name}'" if self.site_name else name

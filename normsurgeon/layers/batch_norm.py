@@ -15,7 +15,10 @@ cumulative-average factor (1/num_batches_tracked cannot be read from a meta tens
     y = x · γ/sqrt(var + eps) + (β − mean · γ/sqrt(var + eps)).
 All four tensors are buffers (as torchvision's ``FrozenBatchNorm2d``) unless
 ``trainable_affine=True``, which makes γ, β Parameters: the "freeze the statistics, train the
-affine" recipe common in detection fine-tuning.
+affine" recipe common in detection fine-tuning. The statistics are then Parameters with
+``requires_grad=False`` (same state_dict keys): Opacus refuses any buffer in a trainable layer,
+and frozen constants are no private state. Do not switch them on with ``requires_grad_(True)``
+over the whole model.
 """
 from __future__ import annotations
 
@@ -107,8 +110,12 @@ class FrozenBatchNorm(FusedActLayout, nn.Module):
         else:
             self.register_buffer("weight", torch.ones(num_features))
             self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        if trainable_affine:  # no buffer in a trainable layer (DP-SGD, see the module docstring)
+            self.running_mean = nn.Parameter(torch.zeros(num_features), requires_grad=False)
+            self.running_var = nn.Parameter(torch.ones(num_features), requires_grad=False)
+        else:
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
         self._init_fused(channels_last, act, drop)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -120,6 +127,7 @@ class FrozenBatchNorm(FusedActLayout, nn.Module):
         return self._apply_norm(x, self._normalize)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        self._refuse_expanded_weights()
         scale = self.weight * torch.rsqrt(self.running_var + self.eps)
         shift = self.bias - self.running_mean * scale
         view = (1, -1) + (1,) * (x.ndim - 2)

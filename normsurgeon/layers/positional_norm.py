@@ -14,6 +14,20 @@ from torch.nn import functional as F
 from .base import FusedActLayout
 
 
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. Under torch's expanded weights
+    (Opacus's ``grad_sample_mode="ew"``) the conv feeding this layer ``view``s its grad_output,
+    which fails on the permuted gradient that layer_norm over a channels-first input sends back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 class PositionalNorm(FusedActLayout, nn.LayerNorm):
     """Normalization over C at each (sample, position), per-channel affine, either layout."""
 
@@ -32,8 +46,15 @@ class PositionalNorm(FusedActLayout, nn.LayerNorm):
         if self.channels_last:
             y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         else:
-            y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias,
-                             self.eps).movedim(-1, 1)
+            if type(self.weight).__name__ == "ExpandedWeight":
+                x = _ContiguousGradient.apply(x)
+            # the explicit copies: layer_norm makes its input contiguous anyway (torch's expanded
+            # weights, Opacus's 'ew', require it); the output gets the input's layout instead of
+            # a channels-last view (Opacus's conv grad sampler silently misreads such inputs)
+            y = F.layer_norm(x.movedim(1, -1).contiguous(), self.normalized_shape, self.weight,
+                             self.bias, self.eps).movedim(-1, 1)
+            if x.is_contiguous():
+                y = y.contiguous()
         return self._epilogue(y)
 
     def extra_repr(self) -> str:

@@ -25,9 +25,9 @@ DEFAULT_PROXY_EPS = 0.03
 DEFAULT_PROXY_POINTS = 200
 
 
-def normal_quantile_grid(num_points: int = DEFAULT_PROXY_POINTS) -> torch.Tensor:
+def normal_quantile_grid(num_points: int = DEFAULT_PROXY_POINTS, device=None) -> torch.Tensor:
     """(num_points,) float64: Φ⁻¹((i + 0.5) / num_points), i = 0 .. num_points − 1."""
-    levels = (torch.arange(num_points, dtype=torch.float64) + 0.5) / num_points
+    levels = (torch.arange(num_points, dtype=torch.float64, device=device) + 0.5) / num_points
     return torch.special.ndtri(levels)
 
 
@@ -65,11 +65,15 @@ class ProxyNormAct(FusedActLayout, nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
         self.proxy_weight = nn.Parameter(torch.zeros(num_channels))
         self.proxy_bias = nn.Parameter(torch.zeros(num_channels))
-        # float64 buffer: kept exact when the module is cast (Module.to/half only cast floats,
-        # and the moments cast the grid to their own dtype)
-        self.register_buffer("proxy_grid", normal_quantile_grid(proxy_points), persistent=False)
+        self.proxy_points = proxy_points
         self._init_fused(channels_last, _not_inplace(act), drop)
         self.scale_inside_act = _positively_homogeneous(self.act)
+
+    @property
+    def proxy_grid(self) -> torch.Tensor:
+        """The grid u, float64 on the parameters' device, made on each call (three tiny
+        kernels): not a buffer, since Opacus (DP-SGD) refuses any buffer in a trainable layer."""
+        return normal_quantile_grid(self.proxy_points, self.weight.device)
 
     def proxy_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, s), each (C,): mean and 1/sqrt(var + ε_proxy) of φ(γ·Y + β) on the grid (≥ fp32)."""
@@ -93,6 +97,7 @@ class ProxyNormAct(FusedActLayout, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 2:
             raise ValueError(f"{self._where()} expects (N, C, *) or (N, *, C), got {tuple(x.shape)}")
+        self._refuse_expanded_weights()
         if self.channels_last:
             x = x.movedim(-1, 1)
         per_group = self.num_channels // self.num_groups * elements_per_channel(x)
@@ -119,5 +124,5 @@ class ProxyNormAct(FusedActLayout, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
-                f"proxy_eps={self.proxy_eps}, proxy_points={self.proxy_grid.numel()}"
+                f"proxy_eps={self.proxy_eps}, proxy_points={self.proxy_points}"
                 f"{self._layout_repr()}")

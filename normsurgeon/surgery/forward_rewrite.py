@@ -27,6 +27,7 @@ class GraphForward:
 
     def __init__(self, owner: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph):
         self.owner = owner
+        self.graphs = {True: train_graph, False: eval_graph}  # by training flag; edit copies only
         (self._train, self.train_src), (self._eval, self.eval_src) = _compile(train_graph), _compile(eval_graph)
 
     def __call__(self, *args, **kwargs):
