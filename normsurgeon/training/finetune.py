@@ -27,11 +27,13 @@ Never worse than the start, by default:
 The model is trained in place (that is what was asked); the teacher is only read, in eval
 mode. A model passed in eval mode is put in train mode for the run; a model passed in train
 mode keeps the eval flags of its submodules (a stage frozen with ``model.layer1.eval()``).
-Every module's own flag is given back at the end. With ``checkpoint_dir`` the run writes an atomic checkpoint every ``checkpoint_every``
-steps and at the end, and ``history.json`` / ``history.csv``; calling ``finetune`` again with
-the same arguments resumes from it and ends with the same weights, bit for bit on CPU, as an
-uninterrupted run. A checkpoint of another model, recipe or configuration is refused before
-anything is written.
+Every module's own flag is given back at the end.
+
+With ``checkpoint_dir`` the run writes an atomic checkpoint every ``checkpoint_every`` steps
+and at the end (the last state, and the best state so far), and ``history.json`` /
+``history.csv``; calling ``finetune`` again with the same arguments resumes from it and ends
+with the same weights, bit for bit on CPU, as an uninterrupted run. A checkpoint of another
+model, recipe or configuration is refused before anything is written.
 
 Write your own loop instead? Keep three things: ``ns.param_groups(model, wd)`` for the
 optimizer, ``ns.after_step(model, x)`` after every ``optimizer.step()``, and (for batch-
@@ -251,194 +253,188 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         raise TypeError(f"train_statistics and keep_best must be True or False, got {train_statistics!r}, "
                         f"{keep_best!r}")
     names = select_trainable(model, trainable)
-    with flags_preserved(model), (flags_preserved(teacher) if teacher is not None else contextlib.nullcontext()), \
-            only_trainable(model, names):
+    with contextlib.ExitStack() as restore:  # every module's flag and requires_grad come back at the end
+        restore.enter_context(flags_preserved(model))
+        if teacher is not None:
+            restore.enter_context(flags_preserved(teacher))
+            teacher.eval()
+        restore.enter_context(only_trainable(model, names))
         if not model.training:
             model.train()
         frozen = [] if train_statistics else [m for _, m in running_statistics_layers(model) if m.training]
         for m in frozen:
             m.training = False  # population statistics, not updated; the module's children keep their mode
-        if teacher is not None:
-            teacher.eval()
-        settings = {"trainable": names if len(names) < len(list(model.parameters())) else "all",
-                    "train_statistics": train_statistics, "keep_best": keep_best}
-        return _train(model, train_data, teacher, steps, epochs, lr, optimizer, batch_size, weight_decay, momentum,
-                      scheduler, warmup_steps, loss, temperature, label_weight, feature_weight, eval_data,
-                      eval_every, keep_best, len(frozen), settings, checkpoint_dir, checkpoint_every, resume, seed,
-                      max_seconds, clock, grad_clip, log_every, progress)
+        extra_settings = {"trainable": names if len(names) < len(list(model.parameters())) else "all",
+                          "train_statistics": train_statistics, "keep_best": keep_best}
+        order = DataOrder(train_data, batch_size, seed)
+        if epochs is not None:
+            if order.steps_per_epoch is None:
+                raise ValueError("epochs= needs data with a length; give steps= for an endless iterable")
+            steps = epochs * order.steps_per_epoch
+        mode = loss if loss != "auto" else ("distill" if teacher is not None else "labels")
+        opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
+        sched = _make_scheduler(opt, scheduler, steps, warmup_steps)
+        settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr, "loss": mode,
+                    "optimizer": optimizer if isinstance(optimizer, str) else "custom",
+                    "scheduler": scheduler if isinstance(scheduler, str) else "custom",
+                    "weight_decay": weight_decay, "momentum": momentum, "warmup_steps": warmup_steps,
+                    "temperature": temperature, "label_weight": label_weight, "feature_weight": feature_weight,
+                    **extra_settings}
+        if feature_weight < 0 or (feature_weight > 0 and teacher is None):
+            raise ValueError(f"feature_weight must be ≥ 0 and needs teacher= when > 0, got {feature_weight}")
+        matcher = FeatureMatcher(model, teacher) if feature_weight > 0 else None
+        fingerprint = {"model": model_fingerprint(model), "settings": settings}
+        directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        history, step, epoch, position, clocks, epoch_rng = History(), 0, 0, 0, {"wall": 0.0, "cpu": 0.0}, None
+        best = BestState(labels_first=mode in ("labels", "both")) if keep_best and eval_data is not None else None
+        saved = load_checkpoint(directory) if directory is not None else None
+        if saved is not None:
+            if not resume:
+                raise FileExistsError(f"{directory} already holds a fine-tuning checkpoint and resume=False: move it "
+                                      f"away or choose another checkpoint_dir (nothing was overwritten)")
+            diff = mismatch(saved["fingerprint"], fingerprint)
+            if diff:
+                raise ValueError(f"the checkpoint in {directory} belongs to a different model, recipe or setting "
+                                 f"({'; '.join(diff[:3])}); use another checkpoint_dir, or the same arguments to "
+                                 f"resume. Nothing was overwritten.")
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            step, epoch, position = saved["step"], saved["epoch"], saved["position"]
+            clocks, epoch_rng = dict(saved["clocks"]), saved.get("epoch_rng")
+            history = History(saved["history"])
+            if saved.get("best") is not None and best is not None:
+                best.load_state_dict(saved["best"])
+            set_rng_state(saved["rng"])
 
+        def checkpoint() -> None:
+            if directory is None:
+                return
+            save_checkpoint(directory, {"fingerprint": fingerprint, "model": model.state_dict(),
+                                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                        "step": step, "epoch": epoch, "position": position, "clocks": clocks,
+                                        "epoch_rng": epoch_rng, "rng": rng_state(), "history": list(history),
+                                        "best": best.state_dict() if best is not None else None})
+            history.save(directory)
 
-def _train(model, train_data, teacher, steps, epochs, lr, optimizer, batch_size, weight_decay, momentum,
-           scheduler, warmup_steps, loss, temperature, label_weight, feature_weight, eval_data, eval_every,
-           keep_best, frozen_statistics, extra_settings, checkpoint_dir, checkpoint_every, resume, seed,
-           max_seconds, clock, grad_clip, log_every, progress) -> History:
-    """The loop of ``finetune``, with the model's modes and trainable parameters already set."""
-    order = DataOrder(train_data, batch_size, seed)
-    if epochs is not None:
-        if order.steps_per_epoch is None:
-            raise ValueError("epochs= needs data with a length; give steps= for an endless iterable")
-        steps = epochs * order.steps_per_epoch
-    mode = loss if loss != "auto" else ("distill" if teacher is not None else "labels")
-    opt = _make_optimizer(model, optimizer, lr, weight_decay, momentum)
-    sched = _make_scheduler(opt, scheduler, steps, warmup_steps)
-    settings = {"steps": steps, "batch_size": batch_size, "seed": seed, "lr": lr, "loss": mode,
-                "optimizer": optimizer if isinstance(optimizer, str) else "custom",
-                "scheduler": scheduler if isinstance(scheduler, str) else "custom",
-                "weight_decay": weight_decay, "momentum": momentum, "warmup_steps": warmup_steps,
-                "temperature": temperature, "label_weight": label_weight, "feature_weight": feature_weight,
-                **extra_settings}
-    if feature_weight < 0 or (feature_weight > 0 and teacher is None):
-        raise ValueError(f"feature_weight must be ≥ 0 and needs teacher= when > 0, got {feature_weight}")
-    matcher = FeatureMatcher(model, teacher) if feature_weight > 0 else None
-    fingerprint = {"model": model_fingerprint(model), "settings": settings}
-    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    history, step, epoch, position, clocks, epoch_rng = History(), 0, 0, 0, {"wall": 0.0, "cpu": 0.0}, None
-    best = BestState(labels_first=mode in ("labels", "both")) if keep_best and eval_data is not None else None
-    saved = load_checkpoint(directory) if directory is not None else None
-    if saved is not None:
-        if not resume:
-            raise FileExistsError(f"{directory} already holds a fine-tuning checkpoint and resume=False: move it "
-                                  f"away or choose another checkpoint_dir (nothing was overwritten)")
-        diff = mismatch(saved["fingerprint"], fingerprint)
-        if diff:
-            raise ValueError(f"the checkpoint in {directory} belongs to a different model, recipe or setting "
-                             f"({'; '.join(diff[:3])}); use another checkpoint_dir, or the same arguments to "
-                             f"resume. Nothing was overwritten.")
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        sched.load_state_dict(saved["scheduler"])
-        step, epoch, position = saved["step"], saved["epoch"], saved["position"]
-        clocks, epoch_rng = dict(saved["clocks"]), saved.get("epoch_rng")
-        history = History(saved["history"])
-        if saved.get("best") is not None and best is not None:
-            best.load_state_dict(saved["best"])
-        set_rng_state(saved["rng"])
+        route, device = _router(model), device_of(model)
+        teacher_cache: dict = {}
 
-    def checkpoint() -> None:
-        if directory is None:
-            return
-        save_checkpoint(directory, {"fingerprint": fingerprint, "model": model.state_dict(),
-                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "step": step, "epoch": epoch, "position": position, "clocks": clocks,
-                                    "epoch_rng": epoch_rng, "rng": rng_state(), "history": list(history),
-                                    "best": best.state_dict() if best is not None else None})
-        history.save(directory)
+        def evaluation() -> None:
+            metrics = evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)
+            if best is not None:
+                check_eval_size(metrics)
+                best.offer(step, metrics, model)
+            history.append({"step": step, **metrics})
 
-    route, device = _router(model), device_of(model)
-    teacher_cache: dict = {}
-
-    def evaluation() -> None:
-        metrics = evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)
-        if best is not None:
-            check_eval_size(metrics)
-            best.offer(step, metrics, model)
-        history.append({"step": step, **metrics})
-
-    if step == 0 and frozen_statistics:
-        history.append({"step": 0, "frozen_statistics": frozen_statistics})
-    if step == 0 and eval_data is not None:
-        evaluation()  # the start: a run with keep_best never ends below it
-    by_time = max_seconds is not None  # the bar counts the budget's clock, not the step cap
-    bar = (Progress("finetune", total=round(max_seconds), unit=f"{clock}-s", initial=round(clocks[clock]),
-                    enabled=progress) if by_time else
-           Progress("finetune", total=steps, unit="step", initial=step, enabled=progress))
-    shown = round(clocks[clock])
-    window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
-    out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
-    try:
-        while step < steps and not out_of_time:
-            if order.dataset is None:  # a loader: its shuffling draws from the torch RNG at iter()
-                if position == 0 or epoch_rng is None:
-                    epoch_rng = torch.get_rng_state()
-                    batches = order.batches(epoch, position)
-                else:
-                    now = torch.get_rng_state()
-                    torch.set_rng_state(epoch_rng)
-                    batches = order.batches(epoch, position)
-                    torch.set_rng_state(now)
-            else:
-                batches = order.batches(epoch, position)
-            for batch in batches:
-                wall0, cpu0 = time.perf_counter(), time.process_time()
-                x, y, d = split_batch(batch)
-                x = check_inputs(x, "train_data").to(device)
-                if mode in ("labels", "both") and y is None:
-                    raise ValueError(f"loss={mode!r} needs labels, but the batches carry only inputs; give "
-                                     f"(inputs, labels) or a teacher")
-                with route(d):
-                    if matcher is not None:
-                        matcher.clear()
-                    out = model(x)
-                    terms = []
-                    if mode in ("distill", "both"):
-                        with torch.no_grad():
-                            ref = teacher(x.to(device_of(teacher))).to(out.device)
-                        if ref.shape != out.shape:
-                            raise ValueError(f"the teacher outputs {tuple(ref.shape)} but the student "
-                                             f"{tuple(out.shape)}: distillation needs the same output "
-                                             f"(same classes); pass labels instead or adapt the head")
-                        terms.append(distillation_loss(out, ref, temperature) * (1 - label_weight if mode == "both" else 1))
-                        if matcher is not None:
-                            terms.append(feature_weight * matcher.loss())
-                    if mode in ("labels", "both"):
-                        terms.append(F.cross_entropy(out, y.to(out.device)) * (label_weight if mode == "both" else 1))
-                    value = sum(terms)
-                    if not torch.isfinite(value):
-                        raise FloatingPointError(f"finetune: the loss became {float(value)} at step {step}; "
-                                                 f"lower lr (now {sched.get_last_lr()[0]:.3g}) or check the data")
-                    opt.zero_grad(set_to_none=True)
-                    value.backward()
-                    if grad_clip is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                    opt.step()
-                    sched.step()
-                    after_step(model, x)
-                step, position = step + 1, position + 1
-                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-                clocks["wall"] += wall
-                clocks["cpu"] += cpu
-                window["loss"] += float(value.detach())
-                window["n"] += 1
-                window["samples"] += x.shape[0]
-                window["wall"] += wall
-                out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
-                if step % log_every == 0 or step == steps or out_of_time:
-                    row = {"step": step, "epoch": epoch, "loss": window["loss"] / window["n"],
-                           "lr": opt.param_groups[0]["lr"], "samples_per_s": window["samples"] / window["wall"],
-                           "wall_s": clocks["wall"], "cpu_s": clocks["cpu"]}
-                    history.append(row)
-                    postfix = {"loss": row["loss"], "img/s": f"{row['samples_per_s']:.1f}"}
-                    if by_time:
-                        now = min(round(clocks[clock]), round(max_seconds))
-                        bar.update(now - shown, step=step, **postfix)
-                        shown = now
+        if step == 0 and frozen:
+            history.append({"step": 0, "frozen_statistics": len(frozen)})
+        if step == 0 and eval_data is not None:
+            evaluation()  # the start: a run with keep_best never ends below it
+        by_time = max_seconds is not None  # the bar counts the budget's clock, not the step cap
+        bar = (Progress("finetune", total=round(max_seconds), unit=f"{clock}-s", initial=round(clocks[clock]),
+                        enabled=progress) if by_time else
+               Progress("finetune", total=steps, unit="step", initial=step, enabled=progress))
+        shown = round(clocks[clock])
+        window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
+        out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
+        try:
+            while step < steps and not out_of_time:
+                if order.dataset is None:  # a loader: its shuffling draws from the torch RNG at iter()
+                    if position == 0 or epoch_rng is None:
+                        epoch_rng = torch.get_rng_state()
+                        batches = order.batches(epoch, position)
                     else:
-                        bar.update(window["n"], **postfix)
-                    window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
-                if eval_data is not None and eval_every and step % eval_every == 0 and step < steps and not out_of_time:
-                    evaluation()
-                if step % checkpoint_every == 0 or step == steps:
-                    checkpoint()
-                if step >= steps or out_of_time:
-                    break
-            else:
-                epoch, position = epoch + 1, 0
-                continue
-            if position >= (order.steps_per_epoch or math.inf):
-                epoch, position = epoch + 1, 0
-        evaluated = any(r.get("step") == step and any(k.startswith("eval_") for k in r) for r in history)
-        if eval_data is not None and not evaluated:
-            evaluation()
-        if out_of_time:
-            history.append({"step": step, "stopped": f"max_seconds={max_seconds} ({clock} clock) reached"})
-        checkpoint()  # the last state: a resumed or continued run goes on from it, not from the best
-        if best is not None and best.step != step:
-            best.restore(model)
-            history.append({"step": step, "restored_best_step": best.step, f"best_{best.metric}": best.score[0]})
-            if directory is not None:
-                history.save(directory)
-    finally:
-        bar.close()
-        if matcher is not None:
-            matcher.remove()
-    return history
+                        now = torch.get_rng_state()
+                        torch.set_rng_state(epoch_rng)
+                        batches = order.batches(epoch, position)
+                        torch.set_rng_state(now)
+                else:
+                    batches = order.batches(epoch, position)
+                for batch in batches:
+                    wall0, cpu0 = time.perf_counter(), time.process_time()
+                    x, y, d = split_batch(batch)
+                    x = check_inputs(x, "train_data").to(device)
+                    if mode in ("labels", "both") and y is None:
+                        raise ValueError(f"loss={mode!r} needs labels, but the batches carry only inputs; give "
+                                         f"(inputs, labels) or a teacher")
+                    with route(d):
+                        if matcher is not None:
+                            matcher.clear()
+                        out = model(x)
+                        terms = []
+                        if mode in ("distill", "both"):
+                            with torch.no_grad():
+                                ref = teacher(x.to(device_of(teacher))).to(out.device)
+                            if ref.shape != out.shape:
+                                raise ValueError(f"the teacher outputs {tuple(ref.shape)} but the student "
+                                                 f"{tuple(out.shape)}: distillation needs the same output "
+                                                 f"(same classes); pass labels instead or adapt the head")
+                            share = 1 - label_weight if mode == "both" else 1
+                            terms.append(distillation_loss(out, ref, temperature) * share)
+                            if matcher is not None:
+                                terms.append(feature_weight * matcher.loss())
+                        if mode in ("labels", "both"):
+                            share = label_weight if mode == "both" else 1
+                            terms.append(F.cross_entropy(out, y.to(out.device)) * share)
+                        value = sum(terms)
+                        if not torch.isfinite(value):
+                            raise FloatingPointError(f"finetune: the loss became {float(value)} at step {step}; "
+                                                     f"lower lr (now {sched.get_last_lr()[0]:.3g}) or check the data")
+                        opt.zero_grad(set_to_none=True)
+                        value.backward()
+                        if grad_clip is not None:
+                            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                        opt.step()
+                        sched.step()
+                        after_step(model, x)
+                    step, position = step + 1, position + 1
+                    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                    clocks["wall"] += wall
+                    clocks["cpu"] += cpu
+                    window["loss"] += float(value.detach())
+                    window["n"] += 1
+                    window["samples"] += x.shape[0]
+                    window["wall"] += wall
+                    out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
+                    if step % log_every == 0 or step == steps or out_of_time:
+                        row = {"step": step, "epoch": epoch, "loss": window["loss"] / window["n"],
+                               "lr": opt.param_groups[0]["lr"], "samples_per_s": window["samples"] / window["wall"],
+                               "wall_s": clocks["wall"], "cpu_s": clocks["cpu"]}
+                        history.append(row)
+                        postfix = {"loss": row["loss"], "img/s": f"{row['samples_per_s']:.1f}"}
+                        if by_time:
+                            now = min(round(clocks[clock]), round(max_seconds))
+                            bar.update(now - shown, step=step, **postfix)
+                            shown = now
+                        else:
+                            bar.update(window["n"], **postfix)
+                        window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
+                    due = eval_data is not None and eval_every and step % eval_every == 0
+                    if due and step < steps and not out_of_time:
+                        evaluation()
+                    if step % checkpoint_every == 0 or step == steps:
+                        checkpoint()
+                    if step >= steps or out_of_time:
+                        break
+                else:
+                    epoch, position = epoch + 1, 0
+                    continue
+                if position >= (order.steps_per_epoch or math.inf):
+                    epoch, position = epoch + 1, 0
+            evaluated = any(r.get("step") == step and any(k.startswith("eval_") for k in r) for r in history)
+            if eval_data is not None and not evaluated:
+                evaluation()
+            if out_of_time:
+                history.append({"step": step, "stopped": f"max_seconds={max_seconds} ({clock} clock) reached"})
+            checkpoint()  # the last state: a resumed or continued run goes on from it, not from the best
+            if best is not None and best.step != step:
+                best.restore(model)
+                history.append({"step": step, "restored_best_step": best.step, f"best_{best.metric}": best.score[0]})
+                if directory is not None:
+                    history.save(directory)
+        finally:
+            bar.close()
+            if matcher is not None:
+                matcher.remove()
+        return history
