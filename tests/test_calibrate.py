@@ -205,3 +205,5 @@ def test_holdout_bad_input():
         ns.calibrate(converted, original, torch.randn(8, 3, 8, 8), holdout=1.5)
     with pytest.raises(ValueError, match="cannot be split"):
         ns.calibrate(converted, original, torch.randn(1, 3, 8, 8), holdout=0.25)
+    with pytest.raises(ValueError, match="3 images cannot be split.*every 4th"):
+        ns.calibrate(converted, original, torch.randn(3, 3, 8, 8), holdout=0.25)

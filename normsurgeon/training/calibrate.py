@@ -154,10 +154,11 @@ def _split_holdout(batches: list[torch.Tensor], holdout) -> tuple[list[torch.Ten
         if not 0 < holdout < 1:
             raise ValueError(f"calibrate: holdout must be a fraction in (0, 1), held-out data, or None, got {holdout!r}")
         images = torch.cat(batches)
-        if len(images) < 2:
-            raise ValueError(f"calibrate: {len(images)} image cannot be split into a fit and a held-out part; give "
-                             f"more images, held-out data (holdout=...), or holdout=None to skip the check")
         every = max(2, round(1 / holdout))
+        if len(images) < every:
+            raise ValueError(f"calibrate: {len(images)} image{'s' * (len(images) != 1)} cannot be split into a fit and "
+                             f"a held-out part (holdout={holdout:g} holds out every {every}th); give more images, "
+                             f"held-out data (holdout=...), or holdout=None to skip the check")
         held = torch.zeros(len(images), dtype=torch.bool)
         held[every - 1::every] = True
         size = batches[0].shape[0]
