@@ -168,6 +168,7 @@ def _timm(spec: str, pretrained: bool, weights, num_classes) -> nn.Module:
         if pretrained and not sep:
             _check_download(spec, _timm_hosts(spec))
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    _read_state_dict(weights)  # a damaged or foreign file: say so, not "does not fit"
     overlay = {"file": weights}
     if num_classes is not None:
         # timm drops a checkpoint's head (and loads non-strictly) when num_classes differs
@@ -237,7 +238,8 @@ def _read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {_short(err)}") from err
+        raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {_short(err)}. Pass a file saved "
+                         f"with torch.save(model.state_dict(), path), copied whole") from err
     _raise_if_normsurgeon(blob, path)
     if isinstance(blob, Mapping):
         for key in ("state_dict", "model"):

@@ -57,7 +57,8 @@ def _as_tensor(data) -> torch.Tensor:
     if x.is_floating_point() or x.is_complex():
         bad = int((~torch.isfinite(x)).sum())
         if bad:
-            raise ValueError(f"data contains {bad} NaN/inf values: diagnostics need finite inputs")
+            raise ValueError(f"data contains {bad} NaN/inf values: diagnostics need finite inputs; remove or fix those "
+                             f"samples")
     return x
 
 
@@ -227,7 +228,8 @@ def diagnose(model: nn.Module, data, *, batch_sizes: Sequence[int] | None = None
         _check_reference(model, reference)
     if batch_sizes is not None and n < batch_sizes[0]:
         raise ValueError(f"data has {n} samples, fewer than the smallest batch size {batch_sizes[0]}: "
-                         f"the batch-statistics sweep needs at least one full batch")
+                         f"the batch-statistics sweep needs at least one full batch; pass more samples or smaller "
+                         f"batch_sizes")
 
     notes: list[str] = []
     models = [model] + ([reference] if reference is not None and reference is not model else [])

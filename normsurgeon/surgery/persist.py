@@ -27,7 +27,8 @@ def read_checked(path, what: str, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise
     except Exception as err:  # noqa: BLE001 - a damaged zip/pickle raises many kinds
-        raise ValueError(f"cannot read {path} as a {what}: {type(err).__name__}: {str(err).strip()[:200]}. The file "
+        first = str(err).strip().split(". ")[0].splitlines()[0][:200] if str(err).strip() else ""
+        raise ValueError(f"cannot read {path} as a {what} ({type(err).__name__}: {first}). The file "
                          f"is damaged (a partial copy or a disk error?) or not a {what}: re-create or re-copy it") from err
     if isinstance(blob, dict) and "checksum" in blob:
         stored = blob.pop("checksum")
@@ -67,7 +68,8 @@ def load(path: str | os.PathLike, base_model: nn.Module, map_location="cpu") -> 
         raise ValueError(f"{path} is not a normsurgeon checkpoint (expected format {FORMAT!r})")
     if type(base_model).__name__ != blob["model_type"]:
         raise ValueError(f"{path} was saved from a {blob['model_type']}, got a "
-                         f"{type(base_model).__name__} as base_model")
+                         f"{type(base_model).__name__} as base_model: build a fresh {blob['model_type']} (the "
+                         f"architecture that was converted, any weights) and pass it as base_model")
     model = base_model
     for recipe in blob["recipes"]:
         model = convert(model, recipe["to"], include=recipe["include"], exclude=recipe["exclude"],

@@ -73,7 +73,12 @@ def check_input_size(model: nn.Module, input_size) -> tuple[int, ...] | None:
 
 
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """(C, H, W): the ``input_size`` of a timm ``pretrained_cfg`` if any, else (3, 224, 224)."""
+    """(C, H, W): the image size a timm patch embedding was built for, else the ``input_size`` of a timm
+    ``pretrained_cfg``, else (3, 224, 224)."""
+    embed = getattr(model, "patch_embed", None)
+    img_size, proj = getattr(embed, "img_size", None), getattr(embed, "proj", None)
+    if img_size is not None and isinstance(proj, nn.modules.conv._ConvNd) and getattr(embed, "strict_img_size", True):
+        return (proj.in_channels, *tuple(img_size))
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     return tuple(size) if size else (3, 224, 224)
