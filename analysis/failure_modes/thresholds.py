@@ -15,8 +15,9 @@ are counted, with the numbers the decisions rest on.
 4. Lite0 converted to ln, in, gn and proxy_gn (no calibration, no training) against the original.
 
 Run: .venv/bin/python analysis/failure_modes/thresholds.py   (about 6 minutes on 2 busy CPU cores)
-Writes thresholds.csv (network, variant, rule set, kind, batch size, flagged sites, sites) and
-batch_ess.csv (effective sample sizes per site and batch size) next to this file.
+Writes thresholds.csv (network, variant, rule set, kind, batch size, flagged sites, sites),
+batch_ess.csv (effective sample sizes per site and batch size) and layer_metrics.csv (f_A, f_B, CV_σ
+summarized per network and variant) next to this file.
 """
 from __future__ import annotations
 
@@ -58,6 +59,14 @@ def old_flags(layers: pd.DataFrame, batch: pd.DataFrame) -> pd.DataFrame:
         if r["frac_pathological_all"] > 0.01 or ess_ratio < 0.5:
             rows.append((r["name"], "noisy_batch_statistics", r["batch_size"]))
     return pd.DataFrame(rows, columns=["name", "kind", "batch_size"])
+
+
+def summarize(net: str, variant: str, layers: pd.DataFrame, out: list) -> None:
+    live = layers[(layers["A"] + layers["B"] + layers["W"]) > 0]
+    row = {"network": net, "variant": variant, "sites": len(layers), "norm": " ".join(sorted(set(layers["norm"])))}
+    for col in ("f_A", "f_B", "cv_sigma"):
+        row.update({f"{col}_min": live[col].min(), f"{col}_median": live[col].median(), f"{col}_max": live[col].max()})
+    out.append(row)
 
 
 def count(net: str, variant: str, rules: str, flags: pd.DataFrame, out: list) -> None:
@@ -119,7 +128,7 @@ def calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
 def main() -> int:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    counts, ess_rows = [], []
+    counts, ess_rows, metrics = [], [], []
     task112 = photo_task(available_photos(system=False), size=112)
     crops112 = task112.train[0][::2][:152]
 
@@ -128,6 +137,7 @@ def main() -> int:
     report = ns.diagnose(lite, crops112, batch_sizes=[2, 8, 32], max_batches=16,
                          generator=torch.Generator().manual_seed(0))
     count("lite0 (BN, pretrained)", "original", "new", report.flags, counts)
+    summarize("lite0 (BN, pretrained)", "original, 152 crops", report.layers, metrics)
     count("lite0 (BN, pretrained)", "original", "old", old_flags(report.layers, with_old_columns(lite, crops112, report)),
           counts)
     for _, r in report.batch.iterrows():
@@ -163,27 +173,35 @@ def main() -> int:
     bn = calibrated(random_net(64, 24, 0), x)
     report = ns.diagnose(bn, x, batch_sizes=[32], max_batches=16, generator=torch.Generator().manual_seed(0))
     count("random net (width 64, depth 24)", "BN", "new", report.flags, counts)
+    summarize("random net (width 64, depth 24)", "BN", report.layers, metrics)
     for label, to, opts in [("ln", "ln", {}), ("gn (8 groups)", "gn", {"num_groups": 8}), ("in", "in", {}),
                             ("proxy_ln", "proxy_ln", {})]:
         extra = {} if to == "proxy_ln" else {"fold_statistics": False}
         model = ns.convert(bn, to=to, input_size=(3, size, size), **extra, **opts)
-        count("random net (width 64, depth 24)", f"{label} vs BN", "new", ns.diagnose(model, x, reference=bn).flags, counts)
+        versus = ns.diagnose(model, x, reference=bn)
+        count("random net (width 64, depth 24)", f"{label} vs BN", "new", versus.flags, counts)
+        summarize("random net (width 64, depth 24)", label, versus.layers, metrics)
         count("random net (width 64, depth 24)", f"{label} alone", "new", ns.diagnose(model, x).flags, counts)
 
     # 4. Lite0 conversions against the original
     photos, _ = zoo.sample_images()
+    summarize("lite0 (BN, pretrained)", "original, 9 photos", ns.diagnose(lite, photos).layers, metrics)
     for to in ("ln", "in", "gn", "proxy_gn"):
         model = ns.convert(lite, to=to)
-        count("lite0 (BN, pretrained)", f"{to} vs original, 9 photos", "new",
-              ns.diagnose(model, photos, reference=lite).flags, counts)
+        versus = ns.diagnose(model, photos, reference=lite)
+        count("lite0 (BN, pretrained)", f"{to} vs original, 9 photos", "new", versus.flags, counts)
+        count("lite0 (BN, pretrained)", f"{to} alone, 9 photos", "new", ns.diagnose(model, photos).flags, counts)
+        summarize("lite0 (BN, pretrained)", f"{to}, 9 photos", versus.layers, metrics)
 
     frame = pd.DataFrame(counts)
     frame.to_csv(os.path.join(HERE, "thresholds.csv"), index=False)
     pd.DataFrame(ess_rows).to_csv(os.path.join(HERE, "batch_ess.csv"), index=False)
+    pd.DataFrame(metrics).to_csv(os.path.join(HERE, "layer_metrics.csv"), index=False, float_format="%.4g")
     with pd.option_context("display.width", 200, "display.max_colwidth", 60):
         print(frame.drop(columns="sites").to_string(index=False))
         ess = pd.DataFrame(ess_rows)
         print(ess.groupby(["network", "batch_size"])["effective_sample_size"].describe()[["min", "50%", "max"]])
+        print(pd.DataFrame(metrics).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
 
 

@@ -80,9 +80,16 @@ def check_selection(args) -> dict:
 
 
 def check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
+    """An output file name: not an existing folder, and no file where a folder of it must be (missing
+    folders are created when the file is written)."""
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise IsADirectoryError(f"{path} is a folder: give a file name for the output, e.g. {os.path.join(path, 'model.pt')}")
+    folder = os.path.dirname(full)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"folder of {path} does not exist: {folder} (create it first)")
+        raise NotADirectoryError(f"cannot write {path}: {folder} is a file, not a folder; choose another output path")
 
 
 def write_json(report, path: str) -> None:
@@ -90,6 +97,7 @@ def write_json(report, path: str) -> None:
     if path == "-":
         out(text)
         return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print(f"report written to {path}", file=sys.stderr)

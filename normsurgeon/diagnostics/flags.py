@@ -7,7 +7,7 @@ can have that failure mode (``families``):
   float32 resolves), or NaN/inf values. The other rules are skipped at such a site.
 - channel collapse (LayerNorm failure mode): ``f_A > 0.5``; with a reference, only where f_A
   also rose by at least 10% over the reference's (``f_A_ratio >= 1.1``).
-- instance-variance failure (InstanceNorm failure mode): ``f_B < 0.01`` or ``cv_sigma < 0.05``
+- instance-variance failure (InstanceNorm failure mode): ``f_B < 0.001`` or ``cv_sigma < 0.01``
   (cv_sigma only where positions > 1); with a reference, only where the reference's value is at
   least 10× larger.
 - noisy batch statistics (BatchNorm at small batch): effective sample size < 30 at a batch size,
@@ -25,8 +25,8 @@ from .families import COLLAPSE, INSTANCE, NAMES, family_names
 THRESHOLDS = {
     "collapse_f_A": 0.5,           # f_A above: channel collapse
     "collapse_rise": 1.1,          # with a reference: f_A / ref f_A at least this
-    "instance_f_B": 0.01,          # f_B below: inter-instance power gone
-    "instance_cv_sigma": 0.05,     # cv_sigma below: instance scales all equal
+    "instance_f_B": 0.001,         # f_B below: inter-instance power gone
+    "instance_cv_sigma": 0.01,     # cv_sigma below: instance scales all equal
     "instance_reference_factor": 10.0,  # with a reference: reference value at least this many times larger
     "noisy_ess": 30.0,             # effective sample size of the batch mean below: noisy batch statistics
     "constant_power": 1e-6,        # (B + W) / (A + B + W) at or below: constant output

@@ -43,7 +43,8 @@ def read_checked(path, what: str, map_location="cpu") -> dict:
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model``'s state_dict plus the recipe that rebuilds its architecture."""
+    """Write ``model``'s state_dict plus the recipe that rebuilds its architecture (and a checksum) to
+    ``path``; missing folders of ``path`` are created."""
     recipes = getattr(model, "normsurgeon_recipes", None)
     if not recipes:
         raise ValueError("this model was not made by normsurgeon.convert (it has no recipe); "
@@ -56,6 +57,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     report = getattr(model, "normsurgeon_report", None)
     blob = {"format": FORMAT, "recipes": recipes, "state_dict": model.state_dict(),
             "model_type": type(model).__name__, "report_summary": report.summary() if report is not None else None}
+    if isinstance(path, (str, os.PathLike)):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(dict(blob, checksum=digest(blob)), path)
 
 
