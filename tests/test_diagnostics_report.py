@@ -195,9 +195,9 @@ def test_compute_flags_rules():
     layers = pd.DataFrame({
         "name": ["a", "b", "c", "d", "e", "f", "g"], "depth": range(7), "positions": [4, 4, 1, 4, 4, 4, 4],
         "norm": ["layer", "group", "instance", "batch", "batch", "batch", "instance"],
-        "A": [9.0, 1.0, 1.0, 9.0, 0.0, 2.0, 1.0], "B": [0.5, 0.005, 0.0, 0.5, 0.0, 0.0, 1.0],
-        "W": [0.5, 0.995, 1.0, 0.5, 0.0, 0.0, 1.0],
-        "f_A": [0.9, 0.5, 0.5, 0.9, 0.0, 1.0, 1 / 3], "f_B": [0.05, 0.0025, 0.0, 0.05, 0.0, 0.0, 1 / 3],
+        "A": [9.0, 1.0, 1.0, 9.0, 0.0, 2.0, 1.0], "B": [0.5, 0.0005, 0.0, 0.5, 0.0, 0.0, 1.0],
+        "W": [0.5, 0.9995, 1.0, 0.5, 0.0, 0.0, 1.0],
+        "f_A": [0.9, 0.5, 0.5, 0.9, 0.0, 1.0, 1 / 3], "f_B": [0.05, 0.00025, 0.0, 0.05, 0.0, 0.0, 1 / 3],
         "cv_sigma": [0.3, 0.3, 0.0, 0.01, 0.0, 0.0, 0.3], "nonfinite": [0, 0, 0, 0, 0, 0, 3],
         "ref_f_A": [0.1, 0.85, 0.1, 0.9, 0.1, 0.1, 0.1], "ref_f_B": [0.2, 0.2, 0.0, 0.2, 0.2, 0.2, 0.2],
         "ref_cv_sigma": [0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]})
@@ -206,7 +206,7 @@ def test_compute_flags_rules():
     got = {(r.name, r.kind, r.metric, None if pd.isna(r.batch_size) else int(r.batch_size)) for r in flags.itertuples()}
     assert got == {
         ("a", "channel_collapse", "f_A", None),            # LayerNorm: 0.9 > 0.5 and 9x its reference
-        ("b", "instance_variance", "f_B", None),           # GroupNorm: f_B 0.0025 < 0.01 and reference 80x larger
+        ("b", "instance_variance", "f_B", None),           # GroupNorm: f_B 0.00025 < 0.001 and reference 800x larger
         ("d", "noisy_batch_statistics", "effective_sample_size", 2),  # ESS 4 < 30; at 32 (80) fine
         ("e", "degenerate", "zero_output", None),          # no power at all: nothing else is judged
         ("f", "degenerate", "constant_output", None),      # power only in the channel means: constant output

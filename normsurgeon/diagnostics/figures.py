@@ -169,8 +169,8 @@ def _annotation(col: str, v, positions: int) -> str:
 @_styled("white")
 def flags_heatmap(layers: pd.DataFrame, batch: pd.DataFrame | None, flags: pd.DataFrame,
                   thresholds: dict | None = None) -> Figure:
-    """Site x rule matrix: red where a flag fired, green where the rule ran and passed, white where
-    the rule does not apply to the site's norm (its value is still written)."""
+    """Site x rule matrix: red where a flag fired, green where the rule ran and passed, grey where the
+    rule does not apply to the site's norm (its value is still written), blank where there is no value."""
     layers = layers.sort_values("depth") if len(layers) else layers
     names = list(layers["name"]) if len(layers) else []
     family = dict(zip(layers["name"], layers["norm"])) if "norm" in layers.columns else {}
@@ -195,7 +195,7 @@ def flags_heatmap(layers: pd.DataFrame, batch: pd.DataFrame | None, flags: pd.Da
     for j, c in enumerate(cols):
         for n, v in values[c].items():
             if n in index:
-                fired[index[n], j] = 0.0 if applies[c](n) and n not in deg or c == "power" else np.nan
+                fired[index[n], j] = 0.0 if applies[c](n) and n not in deg or c == "power" else 0.5
                 annot[index[n], j] = _annotation(c, v, positions.get(n, 2))
     for _, f in flags.iterrows():
         if f["name"] not in index:
@@ -208,13 +208,13 @@ def flags_heatmap(layers: pd.DataFrame, batch: pd.DataFrame | None, flags: pd.Da
     ax = axes[0]
     if names:
         frame = pd.DataFrame(fired, index=names, columns=["power" if c == "power" else c for c in cols])
-        sns.heatmap(frame, ax=ax, cmap=sns.color_palette(["#e8f0e8", "#d9534f"], as_cmap=True), vmin=0, vmax=1,
+        sns.heatmap(frame, ax=ax, cmap=mpl.colors.ListedColormap(["#e8f0e8", "#eeeeee", "#d9534f"]), vmin=0, vmax=1,
                     cbar=False, linewidths=0.5, linecolor="white",
                     annot=annot if len(names) <= 120 else False, fmt="", annot_kws={"fontsize": 7})
         ax.tick_params(axis="y", labelsize=7)
         ax.tick_params(axis="x", labelsize=8, rotation=0, labeltop=True, labelbottom=False)
     else:
         ax.text(0.5, 0.5, "no sites", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("Flags per site (red: fired; green: checked and fine; white: the rule does not apply to this norm)",
+    ax.set_title("Flags per site (red: fired; green: checked and fine; grey: the rule does not apply to this norm)",
                  fontsize=9)
     return fig

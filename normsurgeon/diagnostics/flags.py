@@ -165,8 +165,9 @@ def _todo(table: dict, families) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def findings(flags: pd.DataFrame, layers: pd.DataFrame, thresholds: dict) -> list[Finding]:
-    """The flags grouped by failure mode, in words (the HTML and text summaries show these)."""
+def findings(flags: pd.DataFrame, layers: pd.DataFrame, thresholds: dict, batch_sizes=None) -> list[Finding]:
+    """The flags grouped by failure mode, in words (the HTML and text summaries show these);
+    ``batch_sizes``: those of the sweep, to say at which ones nothing was found."""
     out = []
     t = thresholds
     has_ref = "ref_f_A" in layers.columns
@@ -199,8 +200,12 @@ def findings(flags: pd.DataFrame, layers: pd.DataFrame, thresholds: dict) -> lis
              + f": {names(list(col['name']))} (worst {worst['name']}: f_A = {worst['value']:.2f}{extra})"],
             f"Most of the pre-activation's power is the same for every input and position (f_A, the channel-constant "
             f"share), so these channels carry little information to the next layer. This is the LayerNorm failure "
-            f"mode of Labatie et al. (2021): {family_names(fams)} does not centre each channel over the data.",
-            _todo(_TODO_COLLAPSE, fams), list(dict.fromkeys(col["name"]))))
+            f"mode of Labatie et al. (2021): {family_names(fams)} does not centre each channel over the data."
+            + ("" if has_ref else " Without a reference, this rule cannot tell a collapse from channel means that "
+                                  "trained weights put there on purpose."),
+            ("" if has_ref else "First diagnose again with reference= the unconverted original (normsurgeon "
+                                "diagnose --to does): only a rise over the original is a collapse. ")
+            + _todo(_TODO_COLLAPSE, fams), list(dict.fromkeys(col["name"]))))
 
     inst = flags[flags["kind"] == "instance_variance"]
     if not inst.empty:
@@ -230,6 +235,9 @@ def findings(flags: pd.DataFrame, layers: pd.DataFrame, thresholds: dict) -> lis
                             f"means stray by about {1 / math.sqrt(max(low['value'], 1e-12)):.2f} population standard "
                             f"deviations)")
         fams = list(dict.fromkeys(noisy["norm"]))
+        clean = sorted({int(b) for b in batch_sizes} - set(sizes)) if batch_sizes is not None else []
+        if clean:
+            evidence.append(f"batch {' and '.join(map(str, clean))}: no layer below {t['noisy_ess']:g}")
         b = sizes[0]
         at_sizes = " and ".join(str(s) for s in sizes)
         out.append(Finding(

@@ -58,8 +58,9 @@ CAPTIONS = {
     "batch_sweep": "How noisy the batch statistics of each batch-statistics site would be in training at each "
                    "batch size: left the effective sample size of the batch mean (dashed: 30, below is noisy), "
                    "right the fraction of batch statistics beyond Batch Renormalization's bounds.",
-    "flags": "Every rule at every site: red fired, green checked and fine, white the rule does not apply to that "
-             "norm; the cells hold the values (ESS @ b: effective sample size at batch b).",
+    "flags": "Every rule at every site: red fired, green checked and fine, grey the rule does not apply to that "
+             "norm; the cells hold the values (power: degenerate output or ok; ESS @ b: effective sample size at "
+             "batch b).",
 }
 
 _STYLE = """

@@ -79,7 +79,8 @@ class DiagnosticsReport:
 
     def findings(self) -> list[Finding]:
         """The flags grouped by failure mode, with what each means and what to do."""
-        return findings(self.flags, self.layers, self.thresholds)
+        sizes = sorted(int(b) for b in self.batch["batch_size"].unique()) if "batch_size" in self.batch.columns else None
+        return findings(self.flags, self.layers, self.thresholds, sizes)
 
     def title(self) -> str:
         """Model and what it is: 'EfficientNet (tf_efficientnet_lite0), converted to 'gn''."""
