@@ -25,14 +25,7 @@ def study_random_net(width: int = 64, depth: int = 24, seed: int = 0) -> nn.Modu
 @pytest.fixture(scope="module")
 def random_net():
     x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    model = study_random_net()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None
-        model.train()(x)
-    return model.eval(), x
+    return ns.recalibrate_bn(study_random_net(), x).eval(), x  # BN statistics of the inputs
 
 
 def test_batchnorm_and_proxy_norm_are_clean_ln_gn_in_are_caught(random_net):

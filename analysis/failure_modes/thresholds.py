@@ -27,7 +27,6 @@ import sys
 
 import pandas as pd
 import torch
-from torch import nn
 
 import normsurgeon as ns
 from normsurgeon import zoo
@@ -114,17 +113,6 @@ def with_old_columns(model, x, report) -> pd.DataFrame:
     return batch
 
 
-def calibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None
-        model.train()
-        model(x)
-    return model.eval()
-
-
 def main() -> int:
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -170,7 +158,7 @@ def main() -> int:
     # 3. the random ReLU network and its conversions
     size = 16
     x = torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(1))
-    bn = calibrated(random_net(64, 24, 0), x)
+    bn = ns.recalibrate_bn(random_net(64, 24, 0), x).eval()  # BN statistics of the inputs: eval-mode BN normalizes
     report = ns.diagnose(bn, x, batch_sizes=[32], max_batches=16, generator=torch.Generator().manual_seed(0))
     count("random net (width 64, depth 24)", "BN", "new", report.flags, counts)
     summarize("random net (width 64, depth 24)", "BN", report.layers, metrics)

@@ -6,9 +6,9 @@ A conversion whose verification could not run (the shape probe failed: often a w
 from __future__ import annotations
 
 from ..console import out
-from .common import check_selection, check_writable, create, model_label, print_load_hint, write_json
+from .common import check_writable, print_load_hint
 from .options import add_conversion_arguments, add_model_arguments
-from .plan import selection
+from .plan import show, start
 
 
 def add_parser(sub) -> None:
@@ -26,25 +26,17 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import normsurgeon as ns
 
-    options = check_selection(args)
     check_writable(args.output)
-    if args.json and args.json != "-":
-        check_writable(args.json)
-    model = create(args)
-    new = ns.convert(model, args.to, **selection(args, options))
+    model, kwargs = start(args)
+    new = ns.convert(model, args.to, **kwargs)
     report = new.normsurgeon_report
     if not report.verified and not args.no_verify:
         raise ValueError(f"the conversion could not be verified ({report.verify}), so nothing was saved. Check "
                          f"--input-size (C H W of one input), or pass --no-verify to save it unverified")
-    if args.json == "-":
-        ns.save(new, args.output)
-        write_json(report, "-")
-        return 0
-    out(f"model: {model_label(args)}")
-    out(report.table())
-    if args.json:
-        write_json(report, args.json)
+    show(report, args)
     ns.save(new, args.output)
+    if args.json == "-":
+        return 0
     out("")
     out(f"saved to {args.output} (state_dict + conversion recipe + checksum; loads with torch.load(weights_only=True))"
         + ("" if report.verified else " UNVERIFIED (--no-verify)"))

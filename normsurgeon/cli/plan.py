@@ -21,19 +21,29 @@ def selection(args, options: dict) -> dict:
                 input_size=tuple(args.input_size) if args.input_size else None, **options)
 
 
-def run(args) -> int:
-    import normsurgeon as ns
-
+def start(args) -> tuple:
+    """Check the target, its options and the --json path before building MODEL; (model, ns.plan/convert
+    keyword arguments)."""
     options = check_selection(args)
     if args.json and args.json != "-":
         check_writable(args.json)
-    model = create(args)
-    report = ns.plan(model, args.to, **selection(args, options))
+    return create(args), selection(args, options)
+
+
+def run(args) -> int:
+    import normsurgeon as ns
+
+    model, kwargs = start(args)
+    show(ns.plan(model, args.to, **kwargs), args)
+    return 0
+
+
+def show(report, args) -> None:
+    """The report: JSON alone on stdout with --json -, else the model, the table, and --json FILE."""
     if args.json == "-":
         write_json(report, "-")
-        return 0
+        return
     out(f"model: {model_label(args)}")
     out(report.table())
     if args.json:
         write_json(report, args.json)
-    return 0
