@@ -14,7 +14,7 @@ are counted, with the numbers the decisions rest on.
    (γ, β unchanged), each against the BatchNorm net as reference and alone.
 4. Lite0 converted to ln, in, gn and proxy_gn (no calibration, no training) against the original.
 
-Run: .venv/bin/python analysis/failure_modes/thresholds.py   (about 6 minutes on 2 busy CPU cores)
+Run: .venv/bin/python analysis/failure_modes/thresholds.py   (7.4 CPU minutes; 15.6 min wall on 2 busy cores)
 Writes thresholds.csv (network, variant, rule set, kind, batch size, flagged sites, sites),
 batch_ess.csv (effective sample sizes per site and batch size) and layer_metrics.csv (f_A, f_B, CV_σ
 summarized per network and variant) next to this file.
