@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..model_state import restore_training_flags, training_flags
 from .tracing import failure_location
 
 
@@ -100,7 +101,7 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
 
     for module in {id(m): m for m in watch.values()}.values():
         handles.append(module.register_forward_hook(record))
-    was_training = model.training
+    flags = training_flags(model)  # every module's own flag comes back, not model.train(flag) over all
     model.train(train)
     try:
         with torch.no_grad(), on_meta(model):
@@ -108,7 +109,7 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
     except Exception as exc:  # noqa: BLE001  (reported to the caller)
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} at {failure_location(exc)}"
     finally:
-        model.train(was_training)
+        restore_training_flags(flags)
         for h in handles:
             h.remove()
     return result
