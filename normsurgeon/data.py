@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +68,13 @@ def _transform(size: int, mean: Sequence[float], std: Sequence[float], crop_pct:
 def load_image_folder(path, size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
                       std: Sequence[float] = IMAGENET_STD, limit: int | None = None, *,
                       crop_pct: float = 0.875, interpolation: str = "bicubic",
-                      progress=None) -> tuple[torch.Tensor, list[str]]:
+                      progress=None, skip_bad: bool = False) -> tuple[torch.Tensor, list[str]]:
     """All images under ``path`` as a float32 ``(N, 3, size, size)`` batch and their relative paths.
 
     ``limit``: keep only the first ``limit`` images (in sorted path order). ``progress``: an
-    optional callable ``progress(done, total)`` called after each image.
+    optional callable ``progress(done, total)`` called after each image. ``skip_bad``: leave out
+    files that cannot be decoded, with a warning that names them (the returned paths are the
+    images kept), instead of stopping at the first one.
     Raises FileNotFoundError / NotADirectoryError for a bad path, ValueError for a folder
     without images, bad arguments, or a file that cannot be decoded (named in the message).
     """
@@ -90,18 +93,28 @@ def load_image_folder(path, size: int = 224, mean: Sequence[float] = IMAGENET_ME
     if limit is not None:
         files = files[:limit]
     transform = _transform(size, mean, std, crop_pct, interpolation)
-    tensors, names = [], []
+    tensors, names, bad = [], [], []
     for i, file in enumerate(files):
         rel = file.relative_to(root).as_posix()
         try:
             with Image.open(file) as img:
                 img = img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            raise ValueError(f"cannot decode image {os.fspath(file)}: {err}") from err
+            if not skip_bad:
+                raise ValueError(f"cannot decode image {os.fspath(file)}: {err}. Remove or fix the file, or skip "
+                                 f"undecodable files with skip_bad=True (--skip-bad-images)") from err
+            bad.append(rel)
+            continue
         tensors.append(transform(img))
         names.append(rel)
         if progress is not None:
             progress(i + 1, len(files))
+    if bad:
+        if not names:
+            raise ValueError(f"none of the {len(files)} image files in {root} could be decoded "
+                             f"(e.g. {bad[0]})")
+        warnings.warn(f"skipped {len(bad)} undecodable image file(s) in {root}: {', '.join(bad)}", UserWarning,
+                      stacklevel=2)
     return torch.stack(tensors).to(torch.float32), names
 
 

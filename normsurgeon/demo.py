@@ -80,7 +80,7 @@ def _why(original, images, out_dir: str) -> dict:
     return {"by_batch": medians, "fewest_elements": int(last)}
 
 
-def run(to: str = "proxy_gn", output: str = "demo_output", steps: int = STEPS) -> int:
+def run(to: str = "proxy_gn", output: str = "out/demo", steps: int = STEPS) -> int:
     import normsurgeon as ns
     from .photo_task import available_photos, photo_task
     from .surgery import get_target

@@ -21,12 +21,21 @@ in the file with its shape, and nothing else):
   file's raw state_dict or of its ``"state_dict"`` / ``"model"`` entry.
 
 The file is read with ``torch.load(weights_only=True)``: no pickled code runs.
+
+Random weights (a timm or torchvision name without ``pretrained``/``weights``, or the new head of
+``num_classes``) are drawn from ``torch.manual_seed(seed)`` (default 0) in a forked RNG: the same
+spec gives the same model in every run, and the caller's RNG is untouched. ``pretrained=True``
+checks first whether the weights are cached or their host is reachable, and otherwise fails at
+once with how to pass a local file, instead of retrying the download.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+import socket
 from collections.abc import Mapping
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -35,11 +44,26 @@ DEFAULT_SPECS = (None, "default", "efficientnet_lite0_embedded")
 TORCHVISION_PREFIX = "torchvision:"
 _TIMM_SOURCE_PREFIXES = ("hf-hub", "hf_hub", "local-dir")
 
-__all__ = ["create", "DEFAULT_SPECS", "TORCHVISION_PREFIX"]
+__all__ = ["create", "has_random_weights", "DEFAULT_SPECS", "TORCHVISION_PREFIX"]
+
+
+def has_random_weights(spec: str | None, pretrained: bool = False, weights=None) -> bool:
+    """Whether ``create(spec, pretrained, weights)`` gives a randomly initialised network."""
+    return spec not in DEFAULT_SPECS and not pretrained and weights is None
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def create(spec: str | None, pretrained: bool = False, weights: str | os.PathLike | None = None,
-           num_classes: int | None = None) -> nn.Module:
+           num_classes: int | None = None, seed: int | None = 0) -> nn.Module:
     """Build the model named by ``spec`` (see the module docstring for the spec forms).
 
     Args:
@@ -52,6 +76,8 @@ def create(spec: str | None, pretrained: bool = False, weights: str | os.PathLik
         num_classes: size of the classifier head. With ``weights=`` the checkpoint is loaded
             strictly, so its head must have this size. On the embedded default without
             ``weights=`` it replaces the ImageNet head by a freshly initialised one.
+        seed: seed of any random initialisation (module docstring); None draws from torch's
+            global RNG instead.
 
     Returns:
         The model as its library builds it (timm and torchvision models in train mode, the
@@ -83,11 +109,12 @@ def create(spec: str | None, pretrained: bool = False, weights: str | os.PathLik
         raise TypeError(f"a model spec is a string or None, got {type(spec).__name__}")
     if spec is not None:
         spec = spec.strip()
-    if spec in DEFAULT_SPECS:
-        return _embedded(weights, num_classes)
-    if spec.lower().startswith(TORCHVISION_PREFIX):
-        return _torchvision(spec[len(TORCHVISION_PREFIX):].strip(), pretrained, weights, num_classes)
-    return _timm(spec, pretrained, weights, num_classes)
+    with _seeded(seed):
+        if spec in DEFAULT_SPECS:
+            return _embedded(weights, num_classes)
+        if spec.lower().startswith(TORCHVISION_PREFIX):
+            return _torchvision(spec[len(TORCHVISION_PREFIX):].strip(), pretrained, weights, num_classes)
+        return _timm(spec, pretrained, weights, num_classes)
 
 
 # ----------------------------------------------------------------------------- kinds
@@ -112,6 +139,10 @@ def _torchvision(name: str, pretrained: bool, weights, num_classes) -> nn.Module
         raise ValueError(f"unknown torchvision model {name!r}.{hint} "
                          f"torchvision.models.list_models() lists the {len(known)} known names.")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if pretrained:
+        url = torchvision.models.get_model_weights(name).DEFAULT.url
+        cached = os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path)))
+        _check_download(f"torchvision:{name}", [] if cached else [urlparse(url).hostname])
     model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
     if weights is not None:
         _load_strict(model, weights, f"torchvision {name}")
@@ -134,7 +165,10 @@ def _timm(spec: str, pretrained: bool, weights, num_classes) -> nn.Module:
             raise ValueError(_unknown_timm_message(spec))
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if weights is None:
+        if pretrained and not sep:
+            _check_download(spec, _timm_hosts(spec))
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    _read_state_dict(weights)  # a damaged or foreign file: say so, not "does not fit"
     overlay = {"file": weights}
     if num_classes is not None:
         # timm drops a checkpoint's head (and loads non-strictly) when num_classes differs
@@ -145,6 +179,41 @@ def _timm(spec: str, pretrained: bool, weights, num_classes) -> nn.Module:
     except (RuntimeError, KeyError, ValueError) as err:
         _raise_if_not_plain_checkpoint(weights)
         raise ValueError(f"{weights} does not fit timm {spec}: {_short(err)}") from err
+
+
+# ----------------------------------------------------------------------------- downloads
+def _timm_hosts(spec: str) -> list[str]:
+    """Hosts timm would download ``spec``'s weights from; [] when they are cached already."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(spec)
+    if cfg is None:
+        return []
+    if cfg.hf_hub_id:
+        import huggingface_hub
+
+        names = [n for n in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin") if n]
+        repo = cfg.hf_hub_id.split("@")[0]
+        if any(isinstance(huggingface_hub.try_to_load_from_cache(repo, n), str) for n in names):
+            return []
+        return [urlparse(huggingface_hub.constants.ENDPOINT).hostname]
+    if cfg.url:
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))
+        return [] if os.path.isfile(cached) else [urlparse(cfg.url).hostname]
+    return []
+
+
+def _check_download(spec: str, hosts: list[str], timeout: float = 3.0) -> None:
+    """Fail at once, saying what to do, when pretrained weights must be downloaded from an unreachable host."""
+    for host in filter(None, hosts):
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError as err:
+            raise ValueError(
+                f"--pretrained needs to download the weights of {spec} from {host}, which cannot be reached "
+                f"({err.strerror or err}; offline?). Download the checkpoint on a machine with a network and pass "
+                f"it with --weights FILE (weights= in Python), or omit MODEL for the embedded EfficientNet-Lite0 "
+                f"with real weights") from err
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -169,7 +238,8 @@ def _read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {_short(err)}") from err
+        raise ValueError(f"cannot read {path} as a weights-only torch checkpoint: {_short(err)}. Pass a file saved "
+                         f"with torch.save(model.state_dict(), path), copied whole") from err
     _raise_if_normsurgeon(blob, path)
     if isinstance(blob, Mapping):
         for key in ("state_dict", "model"):

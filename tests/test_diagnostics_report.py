@@ -14,7 +14,7 @@ from torch import nn
 
 import normsurgeon as ns
 from normsurgeon.diagnostics import DiagnosticsReport, Recorder
-from normsurgeon.diagnostics.report import compute_flags
+from normsurgeon.diagnostics.flags import compute_flags
 
 
 def resnet(seed: int = 0) -> nn.Module:
@@ -97,12 +97,14 @@ def test_model_and_reference_left_untouched(x):
 
 
 def test_save_writes_self_contained_html_json_and_pngs(tmp_path, ln_report):
-    path = ln_report.save(tmp_path / "out")
-    assert path == tmp_path / "out" / "report.html"
-    page = path.read_text()
+    paths = ln_report.save(tmp_path / "out")
+    assert paths[0] == tmp_path / "out" / "report.html"
+    assert sorted(p.name for p in paths) == sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["flags.png", "power.png", "report.html", "report.json"]  # every file written, and only those
+    page = paths[0].read_text()
     assert page.count("data:image/png;base64,") == 2  # power plot and flags heatmap (no batch sweep)
     outside_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
-    assert "http" not in outside_images and "<script" not in outside_images
+    assert "<script" not in outside_images and "http:" not in outside_images  # nothing fetched
     assert "layer4.1.bn2" in page and "Summary" in page
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     names = list(ln_report.layers["name"])
@@ -124,7 +126,8 @@ def test_layer_norm_channel_collapse_is_flagged(ln_report):
     assert set(flagged) == set(collapsed)
     assert (layers.set_index("name").loc[flagged, "ref_f_A"] < 0.1).all()
     text = ln_report.summary()
-    assert "channel collapse" in text and "proxy_ln" in text
+    assert "Channel collapse in" in text and "LayerNorm layers" in text and "proxy_ln" in text
+    assert "BatchNorm" not in text  # the sites are LayerNorms: the text names them, not the reference's norm
     assert flagged[0] in text
 
 
@@ -145,7 +148,8 @@ def test_instance_norm_variance_failure_is_flagged(x):
     assert set(flags[flags["metric"] == "f_B"]["name"]) == set(report.layers["name"])
     assert set(flags[flags["metric"] == "cv_sigma"]["name"]) == set(report.layers["name"])
     text = report.summary()
-    assert "instance-variance failure" in text and all(n in text for n in report.layers["name"])
+    assert "Instance-variance failure in 3 InstanceNorm layers" in text and all(n in text for n in report.layers["name"])
+    assert "'gn'" in text  # what to do names a norm that keeps instance statistics
 
 
 def test_nonfinite_activations_flag_the_layer_and_still_report(tmp_path, x):
@@ -155,8 +159,10 @@ def test_nonfinite_activations_flag_the_layer_and_still_report(tmp_path, x):
     report = ns.diagnose(model, x)
     row = report.layers.set_index("name").loc["1"]
     assert row["nonfinite"] > 0
-    assert "1" in report.flagged("nonfinite")
-    assert "non-finite" in report.summary()
+    # the inf propagates: every layer from the first BN on holds NaN/inf, and each is flagged as such
+    assert report.flagged("degenerate") == list(report.layers[report.layers["nonfinite"] > 0]["name"])
+    assert report.flagged("degenerate")[0] == "1"
+    assert "NaN/inf values: 1" in report.summary()
     report.save(tmp_path)
     json.loads((tmp_path / "report.json").read_text())
 
@@ -175,31 +181,65 @@ def test_batch_size_sweep_end_to_end(tmp_path, x, bn_model):
     noisy = report.flags[report.flags["kind"] == "noisy_batch_statistics"]
     assert {"layer4.0.bn1", "layer4.1.bn2"} <= set(noisy[noisy["batch_size"] == 2]["name"])
     text = report.summary()
-    assert "at batch 2, BatchNorm statistics are noisy" in text and "bgn" in text and "proxy_gn" in text
-    path = report.save(tmp_path)
-    assert (tmp_path / "batch_sweep.png").exists()
-    assert path.read_text().count("data:image/png;base64,") == 3
+    assert "Noisy batch statistics at batch 2" in text and "bgn" in text and "proxy_gn" in text
+    paths = report.save(tmp_path)
+    assert (tmp_path / "batch_sweep.png") in paths
+    assert paths[0].read_text().count("data:image/png;base64,") == 3
     # no BN site: nothing to sweep, and the report says so
     ln = ns.diagnose(ns.convert(resnet(), to="ln"), x, batch_sizes=[2], max_batches=2)
     assert ln.batch.empty and "no site uses batch statistics" in ln.summary()
 
 
 def test_compute_flags_rules():
+    """Each rule at the sites whose norm can have the failure mode; degenerate layers get only their own flag."""
     layers = pd.DataFrame({
-        "name": ["a", "b", "c"], "depth": [0, 1, 2], "positions": [4, 4, 1],
-        "f_A": [0.9, 0.9, 0.1], "f_B": [0.2, 0.005, 0.0], "cv_sigma": [0.3, 0.3, 0.0], "nonfinite": [0, 0, 3],
-        "ref_f_A": [0.1, 0.85, 0.1], "ref_f_B": [0.2, 0.2, 0.0], "ref_cv_sigma": [0.3, 0.3, 0.3]})
-    batch = pd.DataFrame({"name": ["a", "a"], "batch_size": [2, 8], "frac_pathological": [0.2, 0.0],
-                          "ess_ratio": [0.9, 0.4]})
+        "name": ["a", "b", "c", "d", "e", "f", "g"], "depth": range(7), "positions": [4, 4, 1, 4, 4, 4, 4],
+        "norm": ["layer", "group", "instance", "batch", "batch", "batch", "instance"],
+        "A": [9.0, 1.0, 1.0, 9.0, 0.0, 2.0, 1.0], "B": [0.5, 0.0005, 0.0, 0.5, 0.0, 0.0, 1.0],
+        "W": [0.5, 0.9995, 1.0, 0.5, 0.0, 0.0, 1.0],
+        "f_A": [0.9, 0.5, 0.5, 0.9, 0.0, 1.0, 1 / 3], "f_B": [0.05, 0.00025, 0.0, 0.05, 0.0, 0.0, 1 / 3],
+        "cv_sigma": [0.3, 0.3, 0.0, 0.01, 0.0, 0.0, 0.3], "nonfinite": [0, 0, 0, 0, 0, 0, 3],
+        "ref_f_A": [0.1, 0.85, 0.1, 0.9, 0.1, 0.1, 0.1], "ref_f_B": [0.2, 0.2, 0.0, 0.2, 0.2, 0.2, 0.2],
+        "ref_cv_sigma": [0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]})
+    batch = pd.DataFrame({"name": ["d", "d", "e"], "batch_size": [2, 32, 2], "effective_sample_size": [4.0, 80.0, 1.0]})
     flags = compute_flags(layers, batch)
-    got = {(r.name, r.metric, None if pd.isna(r.batch_size) else int(r.batch_size)) for r in flags.itertuples()}
-    assert got == {("a", "f_A", None), ("b", "f_B", None), ("c", "nonfinite", None),
-                   ("a", "frac_pathological", 2), ("a", "ess_ratio", 8)}
-    # without a reference the thresholds alone decide
+    got = {(r.name, r.kind, r.metric, None if pd.isna(r.batch_size) else int(r.batch_size)) for r in flags.itertuples()}
+    assert got == {
+        ("a", "channel_collapse", "f_A", None),            # LayerNorm: 0.9 > 0.5 and 9x its reference
+        ("b", "instance_variance", "f_B", None),           # GroupNorm: f_B 0.00025 < 0.001 and reference 800x larger
+        ("d", "noisy_batch_statistics", "effective_sample_size", 2),  # ESS 4 < 30; at 32 (80) fine
+        ("e", "degenerate", "zero_output", None),          # no power at all: nothing else is judged
+        ("f", "degenerate", "constant_output", None),      # power only in the channel means: constant output
+        ("g", "degenerate", "nonfinite", None),
+    }
+    # c: an InstanceNorm's exact f_B = 0 is flagged only where its reference has instance variance;
+    # here the reference's f_B is 0 too (and its CV_σ is undefined at one position)
+    # d: a BatchNorm's f_A 0.9 and CV_σ 0.01 are what its learned β, γ make of the data, not a failure mode
+    assert set(flags[flags["name"] == "a"]["norm"]) == {"layer"}
+    # without a reference the thresholds alone decide, still per family
     alone = compute_flags(layers.drop(columns=["ref_f_A", "ref_f_B", "ref_cv_sigma"]))
-    assert set(alone[alone["metric"] == "f_A"]["name"]) == {"a", "b"}
+    assert set(alone[alone["metric"] == "f_A"]["name"]) == {"a"}
     assert set(alone[alone["metric"] == "f_B"]["name"]) == {"b", "c"}
     assert set(alone[alone["metric"] == "cv_sigma"]["name"]) == set()  # c has one position: undefined
+    # a table without families (older reports): every rule everywhere
+    legacy = compute_flags(layers.drop(columns=["norm", "ref_f_A", "ref_f_B", "ref_cv_sigma"]))
+    assert "d" in set(legacy[legacy["metric"] == "f_A"]["name"])
+
+
+def test_zero_gamma_layers_are_degenerate_not_instance_failures(x):
+    """timm zero-initialises the last BN of each residual block (γ = 0): those layers output 0. They are
+    flagged as degenerate with their own wording, not as an InstanceNorm failure."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    report = ns.diagnose(model, x)
+    zero = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and not m.weight.any()]
+    assert len(zero) == 8
+    assert report.flagged("degenerate") == zero
+    assert not report.flagged("instance_variance") and not report.flagged("channel_collapse")
+    text = report.summary()
+    assert "Degenerate output in 8 BatchNorm layers" in text and "zero-initialises" in text
+    assert "InstanceNorm" not in text
 
 
 def test_errors(x, bn_model):

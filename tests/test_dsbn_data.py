@@ -97,6 +97,7 @@ def test_mild_digit_domains_are_milder_versions_of_the_strong_ones():
     assert soft.var() < clean.var() and abs(soft.mean() - clean.mean()) < 0.01
 
 
+@pytest.mark.slow
 def test_dsbn_across_the_architecture_matrix():
     """Every architecture of the matrix converts to dsbn (2 domains) and trains with a mixed batch."""
     from architectures import ARCHITECTURES

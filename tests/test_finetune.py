@@ -1,6 +1,7 @@
 """normsurgeon.finetune: distillation works, a killed run resumes bit-identically, bad input is refused."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -78,6 +79,7 @@ def _run_worker(ckpt, out, delay="0"):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_bit_identically(tmp_path):
     reference = _run_worker(tmp_path / "ref", tmp_path / "ref.pt")
     killed = _run_worker(tmp_path / "run", tmp_path / "run.pt", delay="0.004")
@@ -171,7 +173,7 @@ def test_checkpoint_of_another_model_or_setting_is_refused_and_kept(tmp_path):
         ns.finetune(student, x, teacher=teacher, steps=3, batch_size=8, checkpoint_dir=tmp_path, resume=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable normsurgeon fine-tuning checkpoint"):
+    with pytest.raises(ValueError, match="cannot read .* as a normsurgeon fine-tuning checkpoint.*Move it away"):
         ns.finetune(student, x, teacher=teacher, steps=3, batch_size=8, checkpoint_dir=tmp_path)
 
 
@@ -185,6 +187,29 @@ def test_finished_run_called_again_changes_nothing(tmp_path):
                         eval_data=x, progress=False)
     assert list(again) == list(first)
     assert all(torch.equal(v, weights[k]) for k, v in student.state_dict().items())
+
+
+def test_resume_says_so_and_a_changed_teacher_or_data_is_refused(tmp_path, capsys):
+    teacher, student = teacher_and_student()
+    x = images(32, seed=0)
+    run = dict(steps=4, batch_size=8, checkpoint_dir=tmp_path, checkpoint_every=2)
+    ns.finetune(student, x, teacher=teacher, **run)
+    assert "resuming" not in capsys.readouterr().err
+    ns.finetune(student, x, teacher=teacher, **run)
+    assert f"finetune: resuming from step 4 of 4 ({tmp_path})" in capsys.readouterr().err
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    other_teacher = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other_teacher[0].weight[0, 0, 0, 0] += 1e-3  # one weight differs
+    with pytest.raises(ValueError, match="trained against another teacher"):
+        ns.finetune(student, x, teacher=other_teacher, **run)
+    other_data = x.clone()
+    other_data[31, 0, 0, 0] += 1  # the last sample differs: it is in the fingerprint's sample
+    with pytest.raises(ValueError, match="trained on other data"):
+        ns.finetune(student, other_data, teacher=teacher, **run)
+    with pytest.raises(ValueError, match=r"trained on other data \(32 samples.*; 24 samples"):
+        ns.finetune(student, x[:24], teacher=teacher, **run)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved  # every refusal left it untouched
 
 
 def test_time_budget_stops_early():

@@ -56,8 +56,21 @@ def test_matrix_covers_the_required_families():
     assert sum(i.startswith("timm_") for i in ids) >= 20 and sum(i.startswith("tv_") for i in ids) >= 10
 
 
-@pytest.mark.parametrize("to", TARGETS)
-@pytest.mark.parametrize("arch", [a for a, _, _ in ARCHITECTURES])
+def _pairs():
+    """Every (architecture, target). The default run takes one target per architecture, rotating, so every
+    architecture and every target is converted in it; `make test-slow` runs the other pairs."""
+    for i, (arch, _, _) in enumerate(ARCHITECTURES):
+        for j, to in enumerate(TARGETS):
+            default = j == i % len(TARGETS)
+            yield pytest.param(arch, to, id=f"{arch}-{to}", marks=() if default else pytest.mark.slow)
+
+
+def test_the_default_run_covers_every_architecture_and_target():
+    default = [p.values for p in _pairs() if not p.marks]
+    assert {a for a, _ in default} == {a for a, _, _ in ARCHITECTURES} and {t for _, t in default} == set(TARGETS)
+
+
+@pytest.mark.parametrize("arch, to", list(_pairs()))
 def test_convert_architecture(arch, to):
     model, size = build(arch)
     with warnings.catch_warnings():

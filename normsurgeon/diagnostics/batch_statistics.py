@@ -7,10 +7,17 @@ For a site's pre-activation y viewed as (n, C, S) and a batch of n samples, per 
 Healthy: d ≈ 0, r ≈ 1; pathological: |d| > 5 or r ∉ [1/3, 3]. For i.i.d. elements the batch
 mean's variance is σ²_pop / (n·S), so the effective sample size σ²_pop / Var_batches(μ_B)
 equals the elements per statistic n·S; correlated elements (within an image, or between the
-images of a batch) shrink it, and ``ess_ratio`` says by how much.
+images of a batch) shrink it, and ``ess_ratio`` says by how much. Over channels the ESS is the
+harmonic mean, 1 / mean_c(Var_batches(μ_B,c) / σ²_pop,c) = 1 / Var(d): the sample size whose
+i.i.d. noise equals the noise BatchNorm actually sees in d.
+
+Constant channels (σ²_pop ≤ 1e-6·μ²_pop: a dead filter, γ = 0; below what float32 resolves) have
+no meaningful r or d and are excluded and counted (``constant_channels``). log r is taken with r
+clipped to [1/3, 3], Batch Renormalization's bounds, so that a batch in which a sparse channel is
+silent (r = 0) counts as r = 1/3 instead of −∞.
 
 Everything is accumulated on the device in float64, O(C) per site and batch size, with no
-host sync per batch. Channels with σ_pop = 0 are excluded (and counted).
+host sync per batch.
 """
 from __future__ import annotations
 
@@ -25,6 +32,13 @@ from .hooks import attach_preactivation_hooks
 
 PATHOLOGICAL_D = 5.0
 PATHOLOGICAL_R = 3.0
+CONSTANT_RELATIVE_VARIANCE = 1e-6  # σ²_pop ≤ this · μ²_pop: a constant channel
+
+
+def varying_channels(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Channels whose population variance is measurable (not constant up to float32 rounding)."""
+    floor = (CONSTANT_RELATIVE_VARIANCE * mean.square()).clamp_min(torch.finfo(torch.float64).tiny)
+    return var > floor
 
 
 def _check_data(data: torch.Tensor) -> int:
@@ -63,7 +77,7 @@ class _BatchAccumulator:
     """Per-channel running sums of d and r statistics for one site and one batch size."""
 
     def __init__(self, mean_pop: torch.Tensor, var_pop: torch.Tensor):
-        self.valid = var_pop > 0
+        self.valid = varying_channels(mean_pop, var_pop)
         self.mean_pop = mean_pop
         self.sigma_pop = torch.where(self.valid, var_pop, torch.ones_like(var_pop)).sqrt()
         self.var_pop = var_pop
@@ -82,7 +96,7 @@ class _BatchAccumulator:
         var_b, mu_b = torch.var_mean(y, dim=(0, 2), unbiased=False)
         d = (mu_b - self.mean_pop) / self.sigma_pop
         r = var_b.sqrt() / self.sigma_pop
-        log_r = r.clamp_min(torch.finfo(torch.float64).tiny).log()
+        log_r = r.clamp(1 / PATHOLOGICAL_R, PATHOLOGICAL_R).log()
         patho = (d.abs() > PATHOLOGICAL_D) | (r < 1 / PATHOLOGICAL_R) | (r > PATHOLOGICAL_R)
         zero = torch.zeros((), dtype=torch.float64, device=y.device)
         v = self.valid
@@ -99,7 +113,7 @@ class _BatchAccumulator:
         n_valid = int(self.valid.sum())
         elements = batch_size * self.positions
         row = {"name": name, "batch_size": batch_size, "batches": k, "elements_per_statistic": elements,
-               "channels": int(self.valid.numel()), "excluded_channels": int(self.valid.numel()) - n_valid}
+               "channels": int(self.valid.numel()), "constant_channels": int(self.valid.numel()) - n_valid}
         if n_valid == 0:  # every channel constant over the population: nothing to measure
             nan = math.nan
             row.update(d_abs_mean=nan, d_rms=nan, r_mean=nan, log_r_rms=nan, frac_pathological=nan,
@@ -117,9 +131,9 @@ class _BatchAccumulator:
             # batches are b-subsets of N samples: remove the finite-population factor
             # (N − b)/(N − 1) so that the ESS is the one of an infinite population
             fpc = (samples - batch_size) / (samples - 1)
-            var_mu = self.mu_m2[self.valid] / (k - 1) / fpc
-            ratio = self.var_pop[self.valid] / var_mu  # inf where every batch had the same mean
-            ess = float(ratio.mean())
+            var_d = self.mu_m2[self.valid] / (k - 1) / fpc / self.var_pop[self.valid]
+            mean_var_d = float(var_d.mean())
+            ess = 1 / mean_var_d if mean_var_d > 0 else math.inf  # harmonic mean over channels
         row["effective_sample_size"] = ess
         row["ess_ratio"] = ess / elements
         return row
@@ -154,12 +168,12 @@ def batch_statistics(model, data: torch.Tensor, batch_sizes: list[int], populati
 
     Returns one dict per (site, batch size), sites in execution order then batch sizes as given:
     ``name, batch_size, batches, elements_per_statistic`` (b × positions), ``channels``,
-    ``excluded_channels`` (σ_pop = 0), ``d_abs_mean, d_rms, r_mean, log_r_rms``,
-    ``frac_pathological`` (fraction of (batch, channel) pairs with |d| > 5 or r ∉ [1/3, 3]),
-    ``effective_sample_size`` (mean over channels of σ²_pop / Var_batches(μ_B), unbiased
-    variance over the batches, divided by the finite-population factor (N − b)/(N − 1) of
-    drawing b-subsets of N samples; NaN with a single batch or b = N) and ``ess_ratio``
-    (ESS / elements).
+    ``constant_channels`` (excluded, module docstring), ``d_abs_mean, d_rms, r_mean, log_r_rms``
+    (log of r clipped to [1/3, 3]), ``frac_pathological`` (fraction of (batch, channel) pairs with
+    |d| > 5 or r ∉ [1/3, 3]), ``effective_sample_size`` (harmonic mean over channels of
+    σ²_pop / Var_batches(μ_B), unbiased variance over the batches, divided by the finite-population
+    factor (N − b)/(N − 1) of drawing b-subsets of N samples; NaN with a single batch or b = N)
+    and ``ess_ratio`` (ESS / elements).
     """
     n = _check_data(data)
     if not isinstance(model, nn.Module):

@@ -8,12 +8,14 @@ The model runs in eval mode under ``torch.no_grad`` with a ``Recorder`` over ``d
 of ``batch_size``. Its training flags (per module) are restored afterwards and its parameters
 and buffers are left bit-identical (they are snapshotted and checked; anything a helper
 changed is copied back, with a warning). ``reference`` (e.g. the unconverted original) is
-recorded on the same data and compared site by site (matched by site name). ``batch_sizes``
-adds the batch-statistics sweep (``batch_statistics``, ``train_eval_gap``) for sites whose
-module uses batch statistics (a ``_BatchNorm`` or anything with a ``running_mean``).
+recorded on the same data and compared site by site (matched by site name); a reference whose
+norm sites do not match the model's (another architecture) is refused. ``batch_sizes`` adds the
+batch-statistics sweep (``batch_statistics``, ``train_eval_gap``) for sites whose module uses
+batch statistics (a ``_BatchNorm`` or anything with a ``running_mean``).
 """
 from __future__ import annotations
 
+import datetime
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -23,6 +25,8 @@ import torch
 from torch import nn
 
 from ..model_state import device_of, restore_training_flags, training_flags
+from ..progress import Progress
+from ..surgery.sites import find_sites
 from .recorder import LayerStatistics, Recorder
 from .report import DiagnosticsReport
 
@@ -53,7 +57,8 @@ def _as_tensor(data) -> torch.Tensor:
     if x.is_floating_point() or x.is_complex():
         bad = int((~torch.isfinite(x)).sum())
         if bad:
-            raise ValueError(f"data contains {bad} NaN/inf values: diagnostics need finite inputs")
+            raise ValueError(f"data contains {bad} NaN/inf values: diagnostics need finite inputs; remove or fix those "
+                             f"samples")
     return x
 
 
@@ -90,7 +95,7 @@ def _layers_frame(stats: list[LayerStatistics], nonfinite: dict[str, int]) -> pd
         row = s.as_row()
         row["nonfinite"] = int(nonfinite.get(s.name, 0))
         rows.append(row)
-    cols = ["name", "depth", "module_type", "channels", "instances", "positions", "A", "B", "W",
+    cols = ["name", "depth", "module_type", "norm", "channels", "instances", "positions", "A", "B", "W",
             "f_A", "f_B", "f_W", "cv_sigma", "nonfinite"]
     return pd.DataFrame(rows, columns=cols if not rows else None).reset_index(drop=True)
 
@@ -125,6 +130,34 @@ def _batch_norm_sites(model: nn.Module, names: Sequence[str]) -> list[str]:
                 getattr(module, "running_mean", None), torch.Tensor):
             out.append(name)
     return out
+
+
+def _check_reference(model: nn.Module, reference: nn.Module) -> None:
+    """The reference must have the model's norm sites (same names): the unconverted original."""
+    ours, theirs = [s.name for s in find_sites(model)], {s.name for s in find_sites(reference)}
+    missing = [n for n in ours if n not in theirs]
+    if missing:
+        raise ValueError(
+            f"reference ({type(reference).__name__}) does not match the model ({type(model).__name__}): "
+            f"{len(missing)} of its {len(ours)} norm sites have no site of the same name in the reference "
+            f"(e.g. {missing[0]!r}). Pass the unconverted original of this model as reference=, or no reference.")
+
+
+def _check_channels(layers: pd.DataFrame, ref: pd.DataFrame) -> None:
+    channels = dict(zip(ref["name"], ref["channels"]))
+    differ = [n for n, c in zip(layers["name"], layers["channels"]) if n in channels and channels[n] != c]
+    if differ:
+        raise ValueError(f"reference does not match the model: {len(differ)} sites have another channel count "
+                         f"(e.g. {differ[0]!r}: {dict(zip(layers['name'], layers['channels']))[differ[0]]} here, "
+                         f"{channels[differ[0]]} in the reference). Pass the unconverted original as reference=.")
+
+
+def _forward_count(n: int, batch_size: int, models: int, batch_sizes, max_batches: int) -> int:
+    """Forward passes diagnose makes: recording chunks per model, the sweep's batches, the gap's two."""
+    count = models * math.ceil(n / batch_size)
+    if batch_sizes:
+        count += len(batch_sizes) * max_batches + 2
+    return count
 
 
 def _batch_frame(model, x, batch_sizes, population, max_batches, generator, notes) -> pd.DataFrame:
@@ -165,16 +198,19 @@ def _batch_frame(model, x, batch_sizes, population, max_batches, generator, note
 
 def diagnose(model: nn.Module, data, *, batch_sizes: Sequence[int] | None = None,
              reference: nn.Module | None = None, batch_size: int = 16, max_batches: int = 64,
-             generator: torch.Generator | None = None) -> DiagnosticsReport:
+             generator: torch.Generator | None = None, data_source: str | None = None,
+             progress: bool = False) -> DiagnosticsReport:
     """Pre-activation diagnostics of ``model`` on ``data`` (module docstring).
 
     ``data``: a (N, C, H, W) tensor, or an iterable of tensors / (x, y) batches (x concatenated).
     ``batch_sizes``: batch sizes for the batch-statistics sweep (BatchNorm-like sites only).
-    ``reference``: a model with the same site names (typically the unconverted original).
+    ``reference``: the unconverted original (same norm site names), to compare with.
     ``batch_size``: chunk size for recording (eval mode: it does not change the statistics).
+    ``data_source``: where the data came from, for the report's title (e.g. ``"photos/"``).
+    ``progress``: show the forward passes done against their total on stderr.
     Raises TypeError for a non-Module model/reference, ValueError for empty or non-finite data,
-    a bad batch size, or fewer samples than ``min(batch_sizes)``. Non-finite *activations* are
-    not errors: those layers are flagged in the report.
+    a bad batch size, fewer samples than ``min(batch_sizes)``, or a reference of another
+    structure. Non-finite *activations* are not errors: those layers are flagged in the report.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"diagnose expects an nn.Module, got {type(model).__name__}")
@@ -188,14 +224,20 @@ def diagnose(model: nn.Module, data, *, batch_sizes: Sequence[int] | None = None
             raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
     x = _as_tensor(data)
     n = x.shape[0]
+    if reference is not None and reference is not model:
+        _check_reference(model, reference)
     if batch_sizes is not None and n < batch_sizes[0]:
         raise ValueError(f"data has {n} samples, fewer than the smallest batch size {batch_sizes[0]}: "
-                         f"the batch-statistics sweep needs at least one full batch")
+                         f"the batch-statistics sweep needs at least one full batch; pass more samples or smaller "
+                         f"batch_sizes")
 
     notes: list[str] = []
     models = [model] + ([reference] if reference is not None and reference is not model else [])
     flags = [training_flags(m) for m in models]
     snaps = [_snapshot(m) for m in models]
+    bar = Progress("diagnose: forward passes", total=_forward_count(n, batch_size, len(models), batch_sizes,
+                                                                     max_batches), unit="batch", enabled=progress)
+    hooks = [m.register_forward_hook(lambda *_: bar.update()) for m in models]  # counts every forward pass
     try:
         for m in models:
             m.eval()
@@ -205,10 +247,8 @@ def diagnose(model: nn.Module, data, *, batch_sizes: Sequence[int] | None = None
         if reference is not None:
             ref_stats, ref_nonfinite = _record(reference, x, batch_size)
             ref_layers = _layers_frame(ref_stats, ref_nonfinite)
+            _check_channels(layers, ref_layers)
             layers = _with_reference(layers, ref_layers)
-            missing = sorted(set(layers["name"]) - set(ref_layers["name"]))
-            if missing:
-                notes.append(f"{len(missing)} sites have no counterpart in the reference (e.g. {missing[0]})")
         batch = pd.DataFrame()
         if batch_sizes is not None:
             bn_sites = _batch_norm_sites(model, [s.name for s in stats])
@@ -216,14 +256,22 @@ def diagnose(model: nn.Module, data, *, batch_sizes: Sequence[int] | None = None
             model.eval()
             batch = _batch_frame(model, x.to(device_of(model)), batch_sizes, population, max_batches, generator, notes)
     finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
         for m, f in zip(models, flags):
             restore_training_flags(f)
         for m, snap, what in zip(models, snaps, ("model", "reference")):
             _restore_if_changed(m, snap, what)
 
+    recipes = getattr(model, "normsurgeon_recipes", None) or []
+    cfg = getattr(model, "pretrained_cfg", None)
     meta = {"samples": int(n), "input_shape": list(x.shape[1:]), "dtype": str(x.dtype).replace("torch.", ""),
             "batch_size": int(batch_size), "batch_sizes": list(batch_sizes) if batch_sizes else [],
-            "max_batches": int(max_batches), "notes": notes}
+            "max_batches": int(max_batches), "notes": notes,
+            "architecture": cfg.get("architecture") if isinstance(cfg, dict) else None,
+            "target": " then ".join(r["to"] for r in recipes) or None, "data_source": data_source,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     channel_stats = {s.name: {"mean": s.mean.double().tolist(), "var": s.var.double().tolist()} for s in stats}
     return DiagnosticsReport(model_name=type(model).__name__, layers=layers, batch=batch,
                              reference_name=type(reference).__name__ if reference is not None else None,

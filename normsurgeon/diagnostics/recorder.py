@@ -20,6 +20,7 @@ from torch import nn
 
 from ..surgery.sites import find_sites
 from .accumulators import InstanceMoments
+from .families import norm_family
 from .hooks import attach_preactivation_hooks
 
 
@@ -30,6 +31,7 @@ class LayerStatistics:
     name: str
     depth: int  # execution order, 0 = first site called
     module_type: str
+    norm: str  # the norm's family (``families.NAMES``): which failure modes apply
     channels: int
     instances: int
     positions: int
@@ -57,9 +59,10 @@ class Recorder:
         self.model = model
         self.moments: dict[str, InstanceMoments] = {}
         self.order: list[str] = []
-        self.types: dict[str, str] = {}
         self.nonfinite: dict[str, int] = {}
-        self.types = {site.name: type(site.module).__name__ for site in find_sites(model)}
+        sites = find_sites(model)
+        self.types = {site.name: type(site.module).__name__ for site in sites}
+        self.families = {site.name: norm_family(site.module) for site in sites}
         self._handles = attach_preactivation_hooks(model, self._record, include)
 
     def _record(self, name: str, y: torch.Tensor) -> None:
@@ -89,7 +92,7 @@ class Recorder:
             split = mom.power_split()
             total = (split["A"] + split["B"] + split["W"]).clamp_min(torch.finfo(torch.float64).tiny)
             rows.append(LayerStatistics(
-                name, depth, self.types[name], mom.channels, int(mom.count), int(mom.positions),
+                name, depth, self.types[name], self.families[name], mom.channels, int(mom.count), int(mom.positions),
                 float(split["A"]), float(split["B"]), float(split["W"]), float(split["A"] / total),
                 float(split["B"] / total), float(split["W"] / total), float(mom.cv_sigma()),
                 split["mean"].cpu(), split["var"].cpu()))

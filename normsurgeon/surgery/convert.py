@@ -22,7 +22,7 @@ from . import (batch_group_targets, domain_targets, proxy_targets, standard_targ
 from .pairing import apply_plan, find_pairings
 from .producers import find_producers
 from .shortcuts import find_shortcut_norms
-from .probe import check_on_meta, meta_forward
+from .probe import check_input_size, check_on_meta, meta_forward
 from . import forward_rewrite
 from .registry import Built, SiteInfo, SkipSite, get_target
 from .report import ConversionReport, SiteRow
@@ -161,6 +161,22 @@ def _check_model(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}. Pass the model "
                         f"object (e.g. timm.create_model(...) or torchvision.models.resnet50()).")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{type(model).__name__} is a TorchScript module (torch.jit.script or trace): its layers "
+                        f"are compiled code that cannot be swapped. Convert the eager model (the nn.Module you "
+                        f"scripted), then script the converted one.")
+    meta = next((n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"the model's weights are on the meta device (e.g. {meta!r}), so they hold no values to "
+                         f"transfer. Materialize and load them first (model.to_empty(device='cpu'), then "
+                         f"model.load_state_dict(...)), or build the model on a real device.")
+
+
+def _warn_unmatched_overrides(overrides: dict | None, sites: list[Site]) -> None:
+    for pattern in overrides or {}:
+        if not any(fnmatch.fnmatchcase(n, pattern) for s in sites for n in s.names):
+            warnings.warn(f"overrides pattern {pattern!r} matches no normalization site"
+                          + (f" (site names look like {sites[0].name!r})" if sites else ""), UserWarning, stacklevel=4)
 
 
 def _run(model, to, include, exclude, overrides, input_size, options, dry_run, inplace):
@@ -171,10 +187,14 @@ def _run(model, to, include, exclude, overrides, input_size, options, dry_run, i
         extra = dict(extra)
         get_target(extra.pop("to", target.name)).check_options(extra)
     include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise TypeError(f"overrides= takes {{pattern: {{option: value}}}}, got {type(overrides).__name__}")
+    input_size = check_input_size(model, input_size)
     work = model if inplace else copy.deepcopy(model)
     analysis = analyze(work, input_size)
     _warn_unmatched(include, analysis.sites, "include")
     _warn_unmatched(exclude, analysis.sites, "exclude")
+    _warn_unmatched_overrides(overrides, analysis.sites)
     used = [target] + [get_target(o.get("to", target.name)) for o in (overrides or {}).values()]
     contexts = {t.context for t in used if t.needs_context}
     readable = [s.name for s in analysis.sites if s.match.reader]
@@ -247,6 +267,10 @@ def convert(model: nn.Module, to: str, *, include: Patterns = None, exclude: Pat
     work, analysis, report, builds, pairings, plans = _run(
         model, to, include, exclude, overrides, input_size, options, dry_run=False, inplace=inplace)
     report.verify = _verify(builds, analysis)  # before installing: a failure changes nothing
+    if not report.verified and builds:
+        warnings.warn(f"the conversion could not be verified: {report.verify}. The new modules were not checked "
+                      f"against their call sites; check input_size= ({tuple(analysis.example.shape[1:]) if analysis.example is not None else None} "
+                      f"was used) or run the model once before trusting it", UserWarning, stacklevel=2)
     for site, built, _ in builds:
         _install(work, site, built)
     _remove_consumed_activations(work, builds, pairings, plans, analysis, report)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..model_state import restore_training_flags, training_flags
 from .tracing import failure_location
 
 
@@ -43,8 +44,42 @@ def on_meta(model: nn.Module):
             store[name] = tensor
 
 
+def check_input_size(model: nn.Module, input_size) -> tuple[int, ...] | None:
+    """``input_size`` as a tuple of ints, checked against the model's first convolution (its number of
+    spatial axes and input channels); a clear ValueError saying what to pass otherwise."""
+    if input_size is None:
+        return None
+    try:
+        size = tuple(input_size)
+    except TypeError:
+        raise TypeError(f"input_size must be a sequence of ints (C, H, W), got {input_size!r}") from None
+    if not size or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise TypeError(f"input_size must be ints (C, H, W) without the batch axis, got {input_size!r}")
+    if any(v < 1 for v in size):
+        raise ValueError(f"input_size {size} has a size below 1: every entry must be a positive number of "
+                         f"channels or pixels, e.g. (3, 224, 224)")
+    conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is not None:
+        name, m = conv
+        axes = len(m.kernel_size)
+        example = (m.in_channels,) + (224,) * axes
+        if len(size) != axes + 1:
+            raise ValueError(f"input_size {size} has {len(size)} values, but the model's first convolution "
+                             f"'{name}' ({type(m).__name__}) takes inputs of {axes + 1} values without the batch "
+                             f"axis: (C{', H, W' if axes == 2 else ', ...'}), e.g. {example}")
+        if size[0] != m.in_channels:
+            raise ValueError(f"input_size {size} has {size[0]} channel(s), but the model's first convolution "
+                             f"'{name}' expects {m.in_channels}: e.g. {(m.in_channels,) + size[1:]}")
+    return size
+
+
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
-    """(C, H, W): the ``input_size`` of a timm ``pretrained_cfg`` if any, else (3, 224, 224)."""
+    """(C, H, W): the image size a timm patch embedding was built for, else the ``input_size`` of a timm
+    ``pretrained_cfg``, else (3, 224, 224)."""
+    embed = getattr(model, "patch_embed", None)
+    img_size, proj = getattr(embed, "img_size", None), getattr(embed, "proj", None)
+    if img_size is not None and isinstance(proj, nn.modules.conv._ConvNd) and getattr(embed, "strict_img_size", True):
+        return (proj.in_channels, *tuple(img_size))
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     return tuple(size) if size else (3, 224, 224)
@@ -66,7 +101,7 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
 
     for module in {id(m): m for m in watch.values()}.values():
         handles.append(module.register_forward_hook(record))
-    was_training = model.training
+    flags = training_flags(model)  # every module's own flag comes back, not model.train(flag) over all
     model.train(train)
     try:
         with torch.no_grad(), on_meta(model):
@@ -74,7 +109,7 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
     except Exception as exc:  # noqa: BLE001  (reported to the caller)
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} at {failure_location(exc)}"
     finally:
-        model.train(was_training)
+        restore_training_flags(flags)
         for h in handles:
             h.remove()
     return result

@@ -48,6 +48,11 @@ class ConversionReport:
     verify: str = "not run"
     dry_run: bool = False
 
+    @property
+    def verified(self) -> bool:
+        """Whether the new modules were checked against their call sites (False: verification could not run)."""
+        return not self.verify.startswith(("skipped", "not run"))
+
     def sites(self, status: str | None = None) -> list[SiteRow]:
         return [r for r in self.rows if status is None or r.status == status]
 

@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from .sources import match_source
+from ..model_state import restore_training_flags, training_flags
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MAX_LEAF_RETRIES = 32
@@ -95,8 +96,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def trace(model: nn.Module, train: bool = True) -> TraceResult:
-    """Trace ``model`` in train (or eval) mode; unrecoverable failures come back as ``error``."""
-    was_training = model.training
+    """Trace ``model`` in train (or eval) mode; unrecoverable failures come back as ``error``. Every
+    module's own train/eval flag is given back afterwards."""
+    flags = training_flags(model)
     model.train(train)
     leaves: dict[str, str] = {}
     try:
@@ -113,4 +115,4 @@ def trace(model: nn.Module, train: bool = True) -> TraceResult:
                 leaves[stack[-1]] = reason
         return TraceResult(None, leaves, f"gave up after {_MAX_LEAF_RETRIES} untraceable submodules")
     finally:
-        model.train(was_training)
+        restore_training_flags(flags)

@@ -2,10 +2,12 @@
 
 A checkpoint holds the model, optimizer and scheduler state, the step and data position,
 the RNG states (torch, numpy, python; CUDA when used), the history so far and a fingerprint
-of the model (class, normsurgeon recipe, parameter and buffer names and shapes) and of the
-run's settings. It is written to a temporary file in the same folder and moved into place
-with ``os.replace``, so a run killed at any moment leaves either the previous checkpoint or
-the new one, never a torn file. Loading uses ``weights_only=True``.
+of the run: the model (class, normsurgeon recipe, parameter and buffer names and shapes), the
+teacher (a digest of its weights), the training data (its size and a digest of a sample of its
+items) and the settings. A resume whose fingerprint differs is refused. The checkpoint is
+written to a temporary file in the same folder and moved into place with ``os.replace``, so a
+run killed at any moment leaves either the previous checkpoint or the new one, never a torn
+file; a checksum of its content is checked on loading (``weights_only=True``).
 """
 from __future__ import annotations
 
@@ -19,8 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..digest import digest
+
 FORMAT = "normsurgeon-finetune/1"
 CHECKPOINT_NAME = "checkpoint.pt"
+DATA_SAMPLE_ITEMS = 8
 
 
 def model_fingerprint(model: nn.Module) -> dict:
@@ -30,6 +35,28 @@ def model_fingerprint(model: nn.Module) -> dict:
     return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
             "recipe": json.dumps(recipes, sort_keys=True, default=str) if recipes is not None else None,
             "state": hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]}
+
+
+def teacher_fingerprint(teacher: nn.Module | None) -> str | None:
+    """A digest of the teacher's weights and buffers: a resume against another teacher is refused."""
+    return None if teacher is None else digest(teacher.state_dict())[:16]
+
+
+def data_fingerprint(dataset, loader) -> dict:
+    """Size and a digest of up to ``DATA_SAMPLE_ITEMS`` evenly spaced items (first and last included) of a
+    map-style dataset (a loader's own dataset if it has one); only the size for other iterables. Reading
+    the items leaves every RNG as it was (an augmenting dataset draws from them)."""
+    source = dataset if dataset is not None else getattr(loader, "dataset", None)
+    if source is None or not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
+        return {"size": len(loader) if hasattr(loader, "__len__") else None, "sample": None}
+    n = len(source)
+    picks = sorted({round(i * (n - 1) / max(DATA_SAMPLE_ITEMS - 1, 1)) for i in range(min(n, DATA_SAMPLE_ITEMS))})
+    saved = rng_state()
+    try:
+        sample = digest([source[i] for i in picks])[:16]
+    finally:
+        set_rng_state(saved)
+    return {"size": n, "sample": sample}
 
 
 def rng_state() -> dict:
@@ -64,7 +91,8 @@ def save_checkpoint(directory: Path, payload: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_NAME
     tmp = directory / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
-    torch.save(dict(payload, format=FORMAT), tmp)
+    payload = dict(payload, format=FORMAT)
+    torch.save(dict(payload, checksum=digest(payload)), tmp)
     with open(tmp, "rb") as f:  # the bytes are on disk before the rename makes them the checkpoint
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -72,14 +100,15 @@ def save_checkpoint(directory: Path, payload: dict) -> Path:
 
 
 def load_checkpoint(directory: Path) -> dict | None:
+    from ..surgery.persist import read_checked
+
     path = directory / CHECKPOINT_NAME
     if not path.exists():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable normsurgeon fine-tuning checkpoint ({err}); move it away "
-                         f"or choose another checkpoint_dir") from err
+        payload = read_checked(path, "normsurgeon fine-tuning checkpoint")
+    except ValueError as err:
+        raise ValueError(f"{err}. Move it away or choose another checkpoint_dir (nothing was overwritten)") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a normsurgeon fine-tuning checkpoint (format "
                          f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r}); "

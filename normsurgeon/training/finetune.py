@@ -42,10 +42,10 @@ statistics targets) ``ns.recalibrate_bn(model, data)`` before evaluating.
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -57,7 +57,9 @@ from ..progress import Progress
 from ..model_state import device_of, flags_preserved, running_statistics_layers
 from .batches import check_inputs
 from .best_state import BestState, check_eval_size
-from .checkpoint import load_checkpoint, mismatch, model_fingerprint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (data_fingerprint, load_checkpoint, mismatch, model_fingerprint, rng_state, save_checkpoint,
+                         set_rng_state, teacher_fingerprint)
+from .history import History
 from .data_order import DataOrder
 from .feature_distillation import FeatureMatcher
 from .param_groups import param_groups
@@ -65,29 +67,6 @@ from .step_hooks import after_step
 from .trainable import only_trainable, select_trainable
 
 LOSSES = ("auto", "distill", "labels", "both")
-
-
-class History(list):
-    """One dict per logged step (loss, lr, throughput, clocks) and per evaluation (eval_*)."""
-
-    def frame(self):
-        import pandas as pd
-
-        return pd.DataFrame(list(self))
-
-    def last(self, key: str):
-        """The most recent value of ``key`` (e.g. "eval_agreement"), or None."""
-        return next((row[key] for row in reversed(self) if key in row), None)
-
-    def save(self, directory) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "history.json").write_text(json.dumps(list(self), indent=1))
-        keys = list(dict.fromkeys(k for row in self for k in row))
-        with open(directory / "history.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self)
 
 
 def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None, object]:
@@ -267,6 +246,10 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         extra_settings = {"trainable": names if len(names) < len(list(model.parameters())) else "all",
                           "train_statistics": train_statistics, "keep_best": keep_best}
         order = DataOrder(train_data, batch_size, seed)
+        if order.dataset is not None and len(order.dataset) < batch_size:
+            warnings.warn(f"batch_size={batch_size} is larger than the {len(order.dataset)} training samples: every "
+                          f"step uses all {len(order.dataset)} of them (one step per epoch); use a smaller "
+                          f"batch_size or more data", UserWarning, stacklevel=3)
         if epochs is not None:
             if order.steps_per_epoch is None:
                 raise ValueError("epochs= needs data with a length; give steps= for an endless iterable")
@@ -283,7 +266,8 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         if feature_weight < 0 or (feature_weight > 0 and teacher is None):
             raise ValueError(f"feature_weight must be ≥ 0 and needs teacher= when > 0, got {feature_weight}")
         matcher = FeatureMatcher(model, teacher) if feature_weight > 0 else None
-        fingerprint = {"model": model_fingerprint(model), "settings": settings}
+        fingerprint = {"model": model_fingerprint(model), "settings": settings,
+                       "teacher": teacher_fingerprint(teacher), "data": data_fingerprint(order.dataset, order.loader)}
         directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
         history, step, epoch, position, clocks, epoch_rng = History(), 0, 0, 0, {"wall": 0.0, "cpu": 0.0}, None
         best = BestState(labels_first=mode in ("labels", "both")) if keep_best and eval_data is not None else None
@@ -292,7 +276,19 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
             if not resume:
                 raise FileExistsError(f"{directory} already holds a fine-tuning checkpoint and resume=False: move it "
                                       f"away or choose another checkpoint_dir (nothing was overwritten)")
-            diff = mismatch(saved["fingerprint"], fingerprint)
+            before = saved["fingerprint"]
+            if before.get("teacher") != fingerprint["teacher"]:
+                raise ValueError(f"the checkpoint in {directory} was trained against another teacher (its weights "
+                                 f"differ: digest {before.get('teacher')} then, {fingerprint['teacher']} now); "
+                                 f"resume with the same teacher, or use another checkpoint_dir. Nothing was "
+                                 f"overwritten.")
+            if before.get("data") != fingerprint["data"]:
+                then, now = before.get("data") or {}, fingerprint["data"]
+                raise ValueError(f"the checkpoint in {directory} was trained on other data ({then.get('size')} "
+                                 f"samples, sample digest {then.get('sample')} then; {now['size']} samples, "
+                                 f"{now['sample']} now); resume with the same training data, or use another "
+                                 f"checkpoint_dir. Nothing was overwritten.")
+            diff = mismatch(before, fingerprint)
             if diff:
                 raise ValueError(f"the checkpoint in {directory} belongs to a different model, recipe or setting "
                                  f"({'; '.join(diff[:3])}); use another checkpoint_dir, or the same arguments to "
@@ -306,6 +302,8 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
             if saved.get("best") is not None and best is not None:
                 best.load_state_dict(saved["best"])
             set_rng_state(saved["rng"])
+            if progress:
+                print(f"finetune: resuming from step {step} of {steps} ({directory})", file=sys.stderr, flush=True)
 
         def checkpoint() -> None:
             if directory is None:
@@ -315,7 +313,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                                         "step": step, "epoch": epoch, "position": position, "clocks": clocks,
                                         "epoch_rng": epoch_rng, "rng": rng_state(), "history": list(history),
                                         "best": best.state_dict() if best is not None else None})
-            history.save(directory)
+            history.save(directory / "history")
 
         route, device = _router(model), device_of(model)
         teacher_cache: dict = {}
@@ -335,7 +333,6 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         bar = (Progress("finetune", total=round(max_seconds), unit=f"{clock}-s", initial=round(clocks[clock]),
                         enabled=progress) if by_time else
                Progress("finetune", total=steps, unit="step", initial=step, enabled=progress))
-        shown = round(clocks[clock])
         window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
         out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
         try:
@@ -397,6 +394,8 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                     window["samples"] += x.shape[0]
                     window["wall"] += wall
                     out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
+                    if by_time:  # the time budget advances every step, however slow the steps
+                        bar.update_to(min(round(clocks[clock]), round(max_seconds)), step=step)
                     if step % log_every == 0 or step == steps or out_of_time:
                         row = {"step": step, "epoch": epoch, "loss": window["loss"] / window["n"],
                                "lr": opt.param_groups[0]["lr"], "samples_per_s": window["samples"] / window["wall"],
@@ -404,9 +403,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                         history.append(row)
                         postfix = {"loss": row["loss"], "img/s": f"{row['samples_per_s']:.1f}"}
                         if by_time:
-                            now = min(round(clocks[clock]), round(max_seconds))
-                            bar.update(now - shown, step=step, **postfix)
-                            shown = now
+                            bar.update_to(bar.n, step=step, **postfix)
                         else:
                             bar.update(window["n"], **postfix)
                         window = {"loss": 0.0, "n": 0, "samples": 0, "wall": 0.0}
@@ -432,7 +429,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                 best.restore(model)
                 history.append({"step": step, "restored_best_step": best.step, f"best_{best.metric}": best.score[0]})
                 if directory is not None:
-                    history.save(directory)
+                    history.save(directory / "history")
         finally:
             bar.close()
             if matcher is not None:
