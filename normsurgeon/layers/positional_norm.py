@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FusedActLayout
+from .base import FusedActLayout, channels_to_first, channels_to_last
 
 
 class PositionalNorm(FusedActLayout, nn.LayerNorm):
@@ -32,8 +32,8 @@ class PositionalNorm(FusedActLayout, nn.LayerNorm):
         if self.channels_last:
             y = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         else:
-            y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias,
-                             self.eps).movedim(-1, 1)
+            y = channels_to_first(F.layer_norm(channels_to_last(x), self.normalized_shape, self.weight,
+                                               self.bias, self.eps))
         return self._epilogue(y)
 
     def extra_repr(self) -> str:

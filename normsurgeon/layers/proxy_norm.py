@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FusedActLayout, elements_per_channel
+from .base import FusedActLayout, channels_to_first, channels_to_last, elements_per_channel
 
 DEFAULT_PROXY_EPS = 0.03
 DEFAULT_PROXY_POINTS = 200
@@ -86,15 +86,15 @@ class ProxyNormAct(FusedActLayout, nn.Module):
         """γ·y + β for input ``x`` (same layout): the value φ is applied to, for observers
         (``diagnostics``). The forward may feed φ a rescaled copy (fast path) and also runs φ on
         the proxy grid, so hooking ``act`` would see neither the right values nor only data."""
-        cf = x.movedim(-1, 1) if self.channels_last else x
+        cf = channels_to_first(x) if self.channels_last else x
         z = F.group_norm(cf, self.num_groups, self.weight, self.bias, self.eps)
-        return z.movedim(1, -1) if self.channels_last else z
+        return channels_to_last(z) if self.channels_last else z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 2:
             raise ValueError(f"{self._where()} expects (N, C, *) or (N, *, C), got {tuple(x.shape)}")
         if self.channels_last:
-            x = x.movedim(-1, 1)
+            x = channels_to_first(x)
         per_group = self.num_channels // self.num_groups * elements_per_channel(x)
         if per_group < 2:
             raise ValueError(f"{self._where()} normalizes over a single value per group (input "
@@ -115,7 +115,7 @@ class ProxyNormAct(FusedActLayout, nn.Module):
                 out = torch.addcmul((-mean * scale).view(view), a, scale.view(view))
             else:  # half precision: subtract the proxy mean in float32
                 out = ((a.to(mean.dtype) - mean.view(view)) * scale.view(view)).to(x.dtype)
-        return out.movedim(1, -1) if self.channels_last else out
+        return channels_to_last(out) if self.channels_last else out
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
