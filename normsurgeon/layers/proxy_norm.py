@@ -10,6 +10,12 @@ moments are differentiable functions of (γ, β, γ̃, β̃), computed in every 
 evaluations, tiny. There are no batch statistics: train = eval, and each
 sample's output depends on that sample only. φ is any elementwise activation module, applied
 to the grid as a (1, C, n) tensor so per-channel activations (PReLU) work as they are.
+
+At inference the moments are constants: in eval mode, when no autograd graph is recorded through a
+trainable parameter, they are computed once and reused while every parameter and buffer of the
+layer (φ's too) is the same tensor with the same version counter (an optimizer step, ``copy_``,
+``load_state_dict`` or ``.to()`` changes one of them, and the moments are recomputed). Training-mode
+forwards and traced/compiled/exported forwards always compute them.
 """
 from __future__ import annotations
 
@@ -70,9 +76,36 @@ class ProxyNormAct(FusedActLayout, nn.Module):
         self.register_buffer("proxy_grid", normal_quantile_grid(proxy_points), persistent=False)
         self._init_fused(channels_last, _not_inplace(act), drop)
         self.scale_inside_act = _positively_homogeneous(self.act)
+        self._moment_cache = None  # (key, (m, s)) in eval mode, see _moment_cache_key
+
+    def _moment_cache_key(self) -> tuple | None:
+        """What the cached moments were computed from, or None when they must be computed now:
+        training mode, autograd recording through a trainable parameter, tracing or compiling."""
+        if self.training:
+            self._moment_cache = None
+            return None
+        if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+                or torch.jit.is_scripting() or torch.fx._symbolic_trace.is_fx_tracing()):
+            return None
+        tensors = [*self.parameters(), *self.buffers()]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        if any(t.device.type == "meta" or t.is_inference() for t in tensors):
+            return None
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
     def proxy_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, s), each (C,): mean and 1/sqrt(var + ε_proxy) of φ(γ·Y + β) on the grid (≥ fp32)."""
+        key = self._moment_cache_key()
+        cache = getattr(self, "_moment_cache", None)
+        if key is not None and cache is not None and cache[0] == key:
+            return cache[1]
+        moments = self._compute_proxy_moments()
+        if key is not None:
+            self._moment_cache = (key, moments)
+        return moments
+
+    def _compute_proxy_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         grid = self.proxy_grid.to(dtype)
         gamma, beta = self.weight.to(dtype)[:, None], self.bias.to(dtype)[:, None]
