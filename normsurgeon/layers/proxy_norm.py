@@ -37,6 +37,12 @@ def normal_quantile_grid(num_points: int = DEFAULT_PROXY_POINTS) -> torch.Tensor
     return torch.special.ndtri(levels)
 
 
+def _fx_tracing() -> bool:
+    """torch.fx symbolic tracing in progress (torch.export counts as compiling)."""
+    trace = torch.fx._symbolic_trace
+    return getattr(trace, "is_fx_symbolic_tracing", trace.is_fx_tracing)()
+
+
 def _positively_homogeneous(act: nn.Module) -> bool:
     """φ(s·z) = s·φ(z) for every s > 0: the PN scale can then move inside φ."""
     if isinstance(act, (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity)):
@@ -84,8 +90,7 @@ class ProxyNormAct(FusedActLayout, nn.Module):
         if self.training:
             self._moment_cache = None
             return None
-        if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-                or torch.jit.is_scripting() or torch.fx._symbolic_trace.is_fx_tracing()):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or _fx_tracing():
             return None
         tensors = [*self.parameters(), *self.buffers()]
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
