@@ -222,16 +222,24 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
     def _push_indexed(self, conv: nn.Conv2d, conv_input: torch.Tensor, centered: torch.Tensor,
                       mean: torch.Tensor, var: torch.Tensor) -> None:
         """``_push`` with the slot read from the ``past_head`` buffer (no Python int to guard on, so
-        torch.compile does not recompile per slot); the derivatives go through one temporary."""
+        torch.compile does not recompile per slot); the derivatives go through one temporary.
+
+        The small per-channel entries (``past_mean``, ``past_var``, ``past_valid``) are replaced by
+        updated tensors rather than written in place: AOTAutograd may recompute cheap forward ops
+        from a buffer inside the backward, after the forward has written that buffer in place (seen
+        with torch 2.14: n = 1 + Σ valid recomputed from the updated ``past_valid`` gave wrong
+        gradients while the window filled). The derivatives enter the forward only through matrix
+        products, which are saved rather than recomputed, so they are written in place.
+        """
         out = (self.past_mean_patch.new_empty((self.groups,) + self.weight_shape[1:]),
                self.past_var_grad.new_empty(self.weight_shape))
         conv_statistics(conv, conv_input, centered, mean, var, centered=True, out=out)
         head = self.past_head
         self.past_mean_patch.index_copy_(0, head, out[0].view(1, self.groups, -1))
         self.past_var_grad.index_copy_(0, head, out[1].view(1, self.num_features, -1))
-        self.past_mean.index_copy_(0, head, mean.to(self.past_mean.dtype).unsqueeze(0))
-        self.past_var.index_copy_(0, head, var.to(self.past_var.dtype).unsqueeze(0))
-        self.past_valid.index_fill_(0, head, 1.0)
+        self.past_mean = self.past_mean.index_copy(0, head, mean.to(self.past_mean.dtype).unsqueeze(0))
+        self.past_var = self.past_var.index_copy(0, head, var.to(self.past_var.dtype).unsqueeze(0))
+        self.past_valid = self.past_valid.index_fill(0, head, 1.0)
         self.past_head.copy_((head + 1) % (self.window - 1))
         self._head = None  # the Python mirror is stale: the next eager push reads the buffer
 

@@ -1,0 +1,146 @@
+"""torch.compile: every target compiles in eval and train mode, matches eager, has no graph break, and
+the stateful targets (cbn, mbn) do not recompile while their window / memory fills.
+
+Training is compared step by step from the same state: before each step the compiled copy gets the
+eager model's parameters and buffers, then both run forward, backward, an SGD step and
+``normsurgeon.after_step``; outputs, gradients and the updated buffers must agree to 1e-4 relative.
+(Left to run freely, two copies of a randomly initialized network drift apart within a few SGD steps
+from rounding alone, compiled or not.)
+
+Default run: a small conv net (cbn and mbn with the ``aot_eager`` backend, proxy_gn with inductor).
+``-m slow``: torchvision ResNet-18 with every target, CPU inductor, eval and train; on CUDA when one is
+present.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch._dynamo.utils import counters
+
+import normsurgeon as ns
+
+from conftest import randomize_norms
+
+TARGETS = list(ns.available_targets())
+OPTIONS = {"bgn": {"num_groups": 8}, "dsbn": {"domains": ["photo", "art"]}}
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_norms(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)))
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_norms(torchvision.models.resnet18(num_classes=10))
+
+
+def convert(base: nn.Module, to: str, **extra) -> nn.Module:
+    model = ns.convert(base, to=to, **OPTIONS.get(to, {}), **extra)
+    if to == "dsbn":
+        ns.set_domain(model, "art")
+    return model
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.abs().max()
+    return 0.0 if scale == 0 else ((got - want).abs().max() / scale).item()
+
+
+def batches(n: int, size: int, device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, size, size, generator=gen).to(device), torch.randint(0, 5, (4,), generator=gen).to(device))
+            for _ in range(n)]
+
+
+def compare(model: nn.Module, train: bool, steps: int, size: int, backend: str, device="cpu") -> dict:
+    """Eager ``model`` against its compiled copy; returns the worst relative errors and dynamo's counts
+    (graph breaks; unique graphs after the first step and at the end)."""
+    torch._dynamo.reset()
+    counters.clear()
+    eager = model.to(device).train(train)
+    work = copy.deepcopy(eager)
+    compiled = torch.compile(work, backend=backend)
+    worst = {"output": 0.0, "grad": 0.0, "buffer": 0.0}
+    graphs_after_first = None
+    for x, y in batches(steps, size, device):
+        if not train:
+            with torch.no_grad():
+                worst["output"] = max(worst["output"], relative_error(compiled(x), eager(x)))
+            continue
+        work.load_state_dict(eager.state_dict())  # the same state before every step
+        outputs = []
+        for run, module in ((eager, eager), (compiled, work)):
+            module.zero_grad(set_to_none=True)
+            out = run(x)
+            nn.functional.cross_entropy(out, y).backward()
+            outputs.append(out.detach())
+            with torch.no_grad():
+                for p in module.parameters():
+                    if p.grad is not None:
+                        p -= 0.05 * p.grad
+            ns.after_step(run, x)
+        worst["output"] = max(worst["output"], relative_error(outputs[1], outputs[0]))
+        for pe, pc in zip(eager.parameters(), work.parameters()):
+            if pe.grad is not None:
+                worst["grad"] = max(worst["grad"], relative_error(pc.grad, pe.grad))
+        for (name, be), bc in zip(eager.named_buffers(), work.buffers()):
+            if be.is_floating_point():
+                worst["buffer"] = max(worst["buffer"], relative_error(bc, be))
+        if graphs_after_first is None:
+            graphs_after_first = counters["stats"]["unique_graphs"]
+    return dict(worst, graph_breaks=sum(counters["graph_break"].values()),
+                graphs_after_first=graphs_after_first, graphs=counters["stats"]["unique_graphs"])
+
+
+@pytest.mark.parametrize("to", ["cbn", "mbn"])
+def test_stateful_targets_do_not_recompile_as_their_state_fills(to):
+    """Window 4 / memory 4: six steps fill and wrap the ring; one graph for the training forward
+    (plus one for mbn's no-grad refresh forward), all made at the first step."""
+    result = compare(convert(tiny(), to), train=True, steps=6, size=16, backend="aot_eager")
+    assert result["graph_breaks"] == 0
+    assert result["graphs_after_first"] == result["graphs"] == (2 if to == "mbn" else 1), result
+    assert max(result["output"], result["grad"], result["buffer"]) <= 1e-4, result
+
+
+def test_cbn_burn_in_end_recompiles_once():
+    model = convert(tiny(), "cbn", burnin=2)
+    result = compare(model, train=True, steps=5, size=16, backend="aot_eager")
+    assert result["graph_breaks"] == 0 and result["graphs"] == 2, result  # BatchNorm branch, then the window
+    assert max(result["output"], result["grad"], result["buffer"]) <= 1e-4, result
+
+
+def test_proxy_gn_compiles_with_inductor_in_train_and_eval():
+    for train in (True, False):
+        result = compare(convert(tiny(), "proxy_gn"), train=train, steps=2, size=16, backend="inductor")
+        assert result["graph_breaks"] == 0 and result["graphs"] == 1, result
+        assert max(result["output"], result["grad"], result["buffer"]) <= 1e-4, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("to", TARGETS)
+def test_resnet18_every_target_compiles_with_inductor(to, train):
+    steps = 5 if to in ("cbn", "mbn") and train else 2
+    result = compare(convert(resnet18(), to), train=train, steps=steps, size=64, backend="inductor")
+    assert result["graph_breaks"] == 0, result
+    assert result["graphs"] == (2 if to == "mbn" and train else 1), result
+    assert max(result["output"], result["grad"], result["buffer"]) <= 1e-4, result
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU compile check runs where one is present")
+@pytest.mark.parametrize("to", ["bn", "gn", "pn", "proxy_gn", "bgn", "iebn", "cbn", "mbn"])
+def test_resnet18_compiles_on_cuda(to):
+    for train in (False, True):
+        result = compare(convert(resnet18(), to), train=train, steps=5 if train else 2, size=64,
+                         backend="inductor", device="cuda")
+        assert result["graph_breaks"] == 0, result
+        assert max(result["output"], result["grad"], result["buffer"]) <= 1e-3, result  # TF32 / fused kernels
