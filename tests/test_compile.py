@@ -24,18 +24,10 @@ from torch._dynamo.utils import counters
 
 import normsurgeon as ns
 
-from conftest import randomize_norms
+from conftest import randomize_norms, small_convnet
 
 TARGETS = list(ns.available_targets())
 OPTIONS = {"bgn": {"num_groups": 8}, "dsbn": {"domains": ["photo", "art"]}}
-
-
-def tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_norms(nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)))
 
 
 def resnet18() -> nn.Module:
@@ -109,14 +101,14 @@ def compare(model: nn.Module, train: bool, steps: int, size: int, backend: str, 
 def test_stateful_targets_do_not_recompile_as_their_state_fills(to):
     """Window 4 / memory 4: six steps fill and wrap the ring; one graph for the training forward
     (plus one for mbn's no-grad refresh forward), all made at the first step."""
-    result = compare(convert(tiny(), to), train=True, steps=6, size=16, backend="aot_eager")
+    result = compare(convert(small_convnet(), to), train=True, steps=6, size=16, backend="aot_eager")
     assert result["graph_breaks"] == 0
     assert result["graphs_after_first"] == result["graphs"] == (2 if to == "mbn" else 1), result
     assert max(result["output"], result["grad"], result["buffer"]) <= 1e-4, result
 
 
 def test_cbn_burn_in_end_recompiles_once():
-    model = convert(tiny(), "cbn", burnin=2)
+    model = convert(small_convnet(), "cbn", burnin=2)
     result = compare(model, train=True, steps=5, size=16, backend="aot_eager")
     assert result["graph_breaks"] == 0 and result["graphs"] == 2, result  # BatchNorm branch, then the window
     assert max(result["output"], result["grad"], result["buffer"]) <= 1e-4, result
@@ -124,7 +116,7 @@ def test_cbn_burn_in_end_recompiles_once():
 
 def test_proxy_gn_compiles_with_inductor_in_train_and_eval():
     for train in (True, False):
-        result = compare(convert(tiny(), "proxy_gn"), train=train, steps=2, size=16, backend="inductor")
+        result = compare(convert(small_convnet(), "proxy_gn"), train=train, steps=2, size=16, backend="inductor")
         assert result["graph_breaks"] == 0 and result["graphs"] == 1, result
         assert max(result["output"], result["grad"], result["buffer"]) <= 1e-4, result
 

@@ -20,7 +20,7 @@ from torch import nn
 import normsurgeon as ns
 from normsurgeon.deploy import ExportError, export_program
 
-from conftest import randomize_norms
+from conftest import randomize_norms, small_convnet
 
 onnx = pytest.importorskip("onnx", reason="the [export] extra is not installed (pip install 'normsurgeon[export]')")
 ort = pytest.importorskip("onnxruntime", reason="the [export] extra is not installed (pip install 'normsurgeon[export]')")
@@ -45,14 +45,6 @@ OPS_DYNAMO = {  # opset 18 (opset 21: "InstanceNormalization" becomes "GroupNorm
     "proxy_ln": {"InstanceNormalization", "Mul", "Add", "Sub"},
 }
 OPS_LEGACY = dict(OPS_DYNAMO, bgn={"BatchNormalization", "Tile"}, dsbn={"BatchNormalization"})
-
-
-def tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return randomize_norms(nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)))
 
 
 def converted(base: nn.Module, to: str) -> nn.Module:
@@ -96,7 +88,7 @@ def export(model, path, dynamo, opset=18, size=16):
 
 @pytest.mark.parametrize("to", TARGETS)
 def test_every_target_exports_with_torch_export_and_the_legacy_exporter(to, tmp_path):
-    model = converted(tiny(), to)
+    model = converted(small_convnet(), to)
     check_program(model, 16)
     ops = check_onnx(export(model, str(tmp_path / "m.onnx"), dynamo=False), model, 16)
     assert OPS_LEGACY[to] <= ops and ops & NORM_OPS == OPS_LEGACY[to] & NORM_OPS, (to, sorted(ops))
@@ -104,7 +96,7 @@ def test_every_target_exports_with_torch_export_and_the_legacy_exporter(to, tmp_
 
 @pytest.mark.parametrize("to", ["bn", "gn", "proxy_gn"])
 def test_dynamo_exporter_representatives(to, tmp_path):
-    model = converted(tiny(), to)
+    model = converted(small_convnet(), to)
     ops = check_onnx(export(model, str(tmp_path / "m.onnx"), dynamo=True), model, 16)
     assert OPS_DYNAMO[to] <= ops and ops & NORM_OPS == OPS_DYNAMO[to] & NORM_OPS, (to, sorted(ops))
 
@@ -112,7 +104,7 @@ def test_dynamo_exporter_representatives(to, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("to", TARGETS)
 def test_dynamo_op_table_at_opsets_18_and_21(to, tmp_path):
-    model = converted(tiny(), to)
+    model = converted(small_convnet(), to)
     for opset in (18, 21):
         ops = check_onnx(export(model, str(tmp_path / f"m{opset}.onnx"), dynamo=True, opset=opset), model, 16)
         want = OPS_DYNAMO[to]
@@ -144,30 +136,30 @@ def test_networks_export_every_target(network, to, tmp_path):
 
 
 def test_folded_models_export(tmp_path):
-    model = converted(tiny(), "iebn")
+    model = converted(small_convnet(), "iebn")
     folded = ns.fold(model)
     ops = check_onnx(export(folded, str(tmp_path / "m.onnx"), dynamo=False), model, 16)
     assert "Sigmoid" in ops and not ops & NORM_OPS
 
 
 def test_train_mode_and_unrouted_dsbn_are_refused_with_the_fix(tmp_path):
-    model = converted(tiny(), "cbn").train()
+    model = converted(small_convnet(), "cbn").train()
     for call in (lambda: ns.export_onnx(model, torch.randn(2, 3, 16, 16), str(tmp_path / "m.onnx")),
                  lambda: export_program(model, torch.randn(2, 3, 16, 16))):
         with pytest.raises(ExportError, match=r"2 batch-dependent normalization layers are in training mode "
                                               r"\('1', '4'\).*Call model\.eval\(\)"):
             call()
     assert not os.listdir(tmp_path)
-    gn = converted(tiny(), "gn").train()  # batch-independent: train mode is fine
+    gn = converted(small_convnet(), "gn").train()  # batch-independent: train mode is fine
     check_onnx(export(gn, str(tmp_path / "m.onnx"), dynamo=False), gn.eval(), 16)
-    dsbn = converted(tiny(), "dsbn")
+    dsbn = converted(small_convnet(), "dsbn")
     ns.set_domain(dsbn, None)
     with pytest.raises(ExportError, match=r"no single domain chosen.*set_domain\(model, d\).*'photo', 'art'"):
         export_program(dsbn, torch.randn(2, 3, 16, 16))
 
 
 def test_legacy_export_restores_every_module_flag(tmp_path):
-    model = converted(tiny(), "gn")
+    model = converted(small_convnet(), "gn")
     model[0].train()  # the user's own choice for one module
     export(model, str(tmp_path / "m.onnx"), dynamo=False)
     assert model[0].training and not model.training and not model[1].training

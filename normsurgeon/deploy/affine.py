@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import layers
 from ..layers.domain_batch_norm import resolve_route
+from ..surgery.sites import find_sites
 from ..surgery.sources import match_source
 from .remnants import FoldedAct, InstanceGate
 
@@ -82,6 +83,14 @@ def _frozen_types() -> tuple[type, ...]:
 def runs_batch_statistics_in_training(module: nn.Module) -> bool:
     """True for layers whose training-mode output depends on the batch (BatchNorm family, dsbn)."""
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, layers.DomainSpecificBatchNorm))
+
+
+def batch_norms_in_training(model: nn.Module) -> tuple[int, str]:
+    """How many norm sites of ``model`` would normalize with batch statistics now (training mode),
+    and their names for a message (the first five)."""
+    names = [s.name for s in find_sites(model) if runs_batch_statistics_in_training(s.module) and s.module.training]
+    shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return len(names), shown
 
 
 def eval_affine(module: nn.Module, domain=None) -> EvalAffine | str:

@@ -25,8 +25,7 @@ from torch import nn
 
 from ..domains.routing import domain_layers
 from ..model_state import restore_training_flags, training_flags
-from ..surgery.sites import find_sites
-from .affine import runs_batch_statistics_in_training
+from .affine import batch_norms_in_training
 
 DEFAULT_OPSET = 18
 MAX_BATCH = 4096  # upper bound of the exported batch dimension
@@ -41,11 +40,10 @@ def check_exportable(model: nn.Module) -> None:
     no domain chosen; otherwise return None."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a model (nn.Module), got {type(model).__name__}")
-    training = [s.name for s in find_sites(model) if runs_batch_statistics_in_training(s.module) and s.module.training]
+    training, shown = batch_norms_in_training(model)
     if training:
-        shown = ", ".join(repr(n) for n in training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
         raise ExportError(
-            f"{len(training)} batch-dependent normalization layers are in training mode ({shown}): an exported "
+            f"{training} batch-dependent normalization layers are in training mode ({shown}): an exported "
             f"graph would normalize each inference batch with its own statistics and never update the running "
             f"ones. Call model.eval() before exporting.")
     unrouted = [name for name, layer in domain_layers(model) if not isinstance(layer.route, int)]

@@ -40,7 +40,7 @@ from ..model_state import restore_training_flags, training_flags
 from ..surgery.probe import default_input_size, meta_forward
 from ..surgery.sites import Site, find_sites
 from ..surgery.tracing import trace
-from .affine import EvalAffine, eval_affine, runs_batch_statistics_in_training
+from .affine import EvalAffine, batch_norms_in_training, eval_affine
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -137,12 +137,10 @@ def fold(model: nn.Module, *, domain=None, input_size: tuple[int, ...] | None = 
 def _check_input(model: nn.Module, domain) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold takes a model (nn.Module), got {type(model).__name__}")
-    training = [s.name for s in find_sites(model)
-                if runs_batch_statistics_in_training(s.module) and s.module.training]
+    training, shown = batch_norms_in_training(model)
     if training:
-        shown = ", ".join(repr(n) for n in training[:5]) + (f" and {len(training) - 5} more" if len(training) > 5 else "")
         raise ValueError(
-            f"fold needs the norms in eval mode, but {len(training)} are in training mode ({shown}), where "
+            f"fold needs the norms in eval mode, but {training} are in training mode ({shown}), where "
             f"they normalize with batch statistics that no fixed weight can reproduce. Call model.eval() "
             f"first (fold returns a new model; yours is not changed).")
     has_dsbn = bool(domain_layers(model))
