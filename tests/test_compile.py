@@ -4,13 +4,13 @@ the stateful targets (cbn, mbn) do not recompile while their window / memory fil
 Training is compared step by step from the same state: before each step the compiled copy gets the
 eager model's parameters and buffers, then both run forward, backward, an SGD step and
 ``normsurgeon.after_step``; outputs, the gradient (all parameters as one vector) and each updated
-buffer must agree to 1e-4 relative.
+buffer are compared (float32: outputs and buffers to 1e-4 relative; float64: all three to 1e-10).
 (Left to run freely, two copies of a randomly initialized network drift apart within a few SGD steps
 from rounding alone, compiled or not.)
 
 Default run: a small conv net (cbn and mbn with the ``aot_eager`` backend, proxy_gn with inductor).
-``-m slow``: torchvision ResNet-18 with every target, CPU inductor, eval and train; on CUDA when one is
-present.
+``-m slow``: torchvision ResNet-18 with every target, CPU inductor, eval and train (float32 and
+float64); on CUDA when one is present.
 """
 from __future__ import annotations
 
@@ -51,23 +51,24 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return 0.0 if scale == 0 else ((got - want).abs().max() / scale).item()
 
 
-def batches(n: int, size: int, device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(n: int, size: int, device="cpu", dtype=torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(4, 3, size, size, generator=gen).to(device), torch.randint(0, 5, (4,), generator=gen).to(device))
+    return [(torch.randn(4, 3, size, size, generator=gen).to(device, dtype), torch.randint(0, 5, (4,), generator=gen).to(device))
             for _ in range(n)]
 
 
-def compare(model: nn.Module, train: bool, steps: int, size: int, backend: str, device="cpu") -> dict:
+def compare(model: nn.Module, train: bool, steps: int, size: int, backend: str, device="cpu",
+            dtype=torch.float32) -> dict:
     """Eager ``model`` against its compiled copy; returns the worst relative errors and dynamo's counts
     (graph breaks; unique graphs after the first step and at the end)."""
     torch._dynamo.reset()
     counters.clear()
-    eager = model.to(device).train(train)
+    eager = model.to(device, dtype).train(train)
     work = copy.deepcopy(eager)
     compiled = torch.compile(work, backend=backend)
     worst = {"output": 0.0, "grad": 0.0, "buffer": 0.0}
     graphs_after_first = None
-    for x, y in batches(steps, size, device):
+    for x, y in batches(steps, size, device, dtype):
         if not train:
             with torch.no_grad():
                 worst["output"] = max(worst["output"], relative_error(compiled(x), eager(x)))
@@ -126,22 +127,32 @@ def test_proxy_gn_compiles_with_inductor_in_train_and_eval():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("mode", ["eval", "train", "train-float64"])
 @pytest.mark.parametrize("to", TARGETS)
-def test_resnet18_every_target_compiles_with_inductor(to, train):
+def test_resnet18_every_target_compiles_with_inductor(to, mode, record_property):
+    """float32: outputs (and, in training, the updated buffers) within 1e-4 of eager. The float32
+    gradients of this random ResNet-18 are not compared: float32 rounding alone moves them by up to
+    ~2e-3 relative (eager and inductor alike, against float64, with torch's own GroupNorm too);
+    ``train-float64`` checks outputs, gradients and buffers exactly instead (1e-10)."""
+    train, dtype = mode != "eval", torch.float64 if mode.endswith("float64") else torch.float32
     steps = 5 if to in ("cbn", "mbn") and train else 2
-    result = compare(convert(resnet18(), to), train=train, steps=steps, size=64, backend="inductor")
+    result = compare(convert(resnet18(), to), train=train, steps=steps, size=64, backend="inductor", dtype=dtype)
+    record_property("result", result)  # (pytest --junitxml keeps the numbers)
     assert result["graph_breaks"] == 0, result
     assert result["graphs"] == (2 if to == "mbn" and train else 1), result
-    assert max(result["output"], result["grad"], result["buffer"]) <= 1e-4, result
+    if dtype == torch.float64:
+        assert max(result["output"], result["grad"], result["buffer"]) <= 1e-10, result
+    else:
+        assert max(result["output"], result["buffer"]) <= 1e-4, result
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU compile check runs where one is present")
 @pytest.mark.parametrize("to", ["bn", "gn", "pn", "proxy_gn", "bgn", "iebn", "cbn", "mbn"])
 def test_resnet18_compiles_on_cuda(to):
-    for train in (False, True):
-        result = compare(convert(resnet18(), to), train=train, steps=5 if train else 2, size=64,
-                         backend="inductor", device="cuda")
-        assert result["graph_breaks"] == 0, result
-        assert max(result["output"], result["grad"], result["buffer"]) <= 1e-3, result  # TF32 / fused kernels
+    result = compare(convert(resnet18(), to), train=False, steps=2, size=64, backend="inductor", device="cuda")
+    assert result["graph_breaks"] == 0 and result["output"] <= 1e-3, result  # TF32 convolutions
+    result = compare(convert(resnet18(), to), train=True, steps=5, size=64, backend="inductor", device="cuda",
+                     dtype=torch.float64)
+    assert result["graph_breaks"] == 0, result
+    assert max(result["output"], result["grad"], result["buffer"]) <= 1e-10, result
