@@ -359,3 +359,13 @@ def test_untraceable_model_keeps_every_norm_with_the_reason():
     row = folded.normsurgeon_fold_report.rows[0]
     assert row.status == "kept" and "could not be traced" in row.reason
     torch.testing.assert_close(folded(X), model(X))
+
+
+def test_two_norms_in_a_row_both_fold_into_the_conv():
+    torch.manual_seed(0)
+    model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)), seed=9)
+    model = model.double().eval()
+    folded = ns.fold(model)
+    assert [(r.status, r.into) for r in folded.normsurgeon_fold_report.rows] == [("folded", "0"), ("folded", "0")]
+    x = X.double()
+    assert relative_error(folded(x), model(x)) < 1e-12

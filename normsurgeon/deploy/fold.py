@@ -165,7 +165,6 @@ class _Graph:
             for node in traced.graph.nodes:
                 if node.op == "call_module":
                     self.nodes.setdefault(node.target, []).append(node)
-        self.modules = dict(model.named_modules())
         distinct = {id(m): m for m in model.modules()}.values()
         counts = Counter(id(p) for m in distinct for p in m.parameters(recurse=False))
         self.shared = {pid for pid, n in counts.items() if n > 1}
@@ -173,6 +172,13 @@ class _Graph:
 
     def calls(self, name: str) -> list[fx.Node]:
         return self.nodes.get(name, [])
+
+    def module(self, name: str) -> nn.Module | None:
+        """The module called by a graph node now (a norm folded earlier is its remainder by then)."""
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return None
 
     def input_ndims(self, names: list[str]) -> set[int] | str:
         """Ranks of the inputs seen at a norm (by any of its names), from one meta forward, or the
@@ -213,7 +219,7 @@ def _next_layer(node: fx.Node, graph: _Graph, forward: bool) -> fx.Node | str:
             nxt = node.args[0]
             if len(nxt.users) != 1:
                 return f"its input is also used elsewhere ({len(nxt.users)} users)"
-        if nxt.op == "call_module" and type(graph.modules.get(nxt.target)) is nn.Identity:
+        if nxt.op == "call_module" and type(graph.module(nxt.target)) is nn.Identity:
             node = nxt
             continue
         return nxt
@@ -243,7 +249,7 @@ def _partner(site: Site, node: fx.Node, affine: EvalAffine, graph: _Graph, side:
         what = {"placeholder": "a model input", "output": "the model output"}.get(
             other.op, f"{getattr(other.target, '__name__', other.target)}()")
         return f"it is {'fed by' if side == 'producer' else 'followed by'} {what}, not a layer"
-    name, module = other.target, graph.modules[other.target]
+    name, module = other.target, graph.module(other.target)
     problem = _linear_problem(module, graph)
     if problem:
         return problem
