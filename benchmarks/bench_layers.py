@@ -379,7 +379,10 @@ def main(argv=None) -> int:
 
 def model_train_step(repeats: int, batch: int = 8, size: int = 112) -> None:
     """torchvision ResNet-50 SGD train step (forward, backward, step): original BN vs its ``pn``
-    and proxy conversions, interleaved in the same run (NCHW input, default memory format)."""
+    and proxy conversions, interleaved in the same run (NCHW input, default memory format), and BN
+    and ``pn`` with the model and input in ``torch.channels_last`` memory format ("cl")."""
+    import copy
+
     import torchvision
 
     torch.manual_seed(0)
@@ -387,6 +390,9 @@ def model_train_step(repeats: int, batch: int = 8, size: int = 112) -> None:
     models = {"ResNet-50 (BatchNorm)": original}
     for t in ("pn", "proxy_gn", "proxy_ln"):
         models[f"ResNet-50 {t}"] = normsurgeon.convert(original, to=t)
+    cl = torch.channels_last
+    models["ResNet-50 (BatchNorm) cl"] = copy.deepcopy(original).to(memory_format=cl)
+    models["ResNet-50 pn cl"] = copy.deepcopy(models["ResNet-50 pn"]).to(memory_format=cl)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
     steps = {}
@@ -394,7 +400,7 @@ def model_train_step(repeats: int, batch: int = 8, size: int = 112) -> None:
         m.train()
         opt = torch.optim.SGD(m.parameters(), lr=1e-3)
 
-        def step(m=m, opt=opt):
+        def step(m=m, opt=opt, x=x.contiguous(memory_format=cl) if label.endswith(" cl") else x):
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(m(x), y).backward()
             opt.step()
