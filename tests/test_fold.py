@@ -369,3 +369,9 @@ def test_two_norms_in_a_row_both_fold_into_the_conv():
     assert [(r.status, r.into) for r in folded.normsurgeon_fold_report.rows] == [("folded", "0"), ("folded", "0")]
     x = X.double()
     assert relative_error(folded(x), model(x)) < 1e-12
+
+
+def test_instance_norm_with_running_statistics_is_kept_with_its_own_reason():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True)).eval()
+    row = ns.fold(model).normsurgeon_fold_report.rows[0]
+    assert row.status == "kept" and "running statistics is an affine map in eval" in row.reason

@@ -128,6 +128,9 @@ def eval_affine(module: nn.Module, domain=None) -> EvalAffine | str:
         scale, shift = _from_statistics(module.running_mean, module.running_var, module.eps,
                                         module.weight, module.bias)
         return EvalAffine(scale, shift, channels_last, _fused(module))
+    if getattr(module, "track_running_stats", False) and getattr(module, "running_mean", None) is not None:
+        return (f"a {type(module).__name__} with running statistics is an affine map in eval, but fold "
+                f"does not support it")
     return BATCH_INDEPENDENT
 
 
