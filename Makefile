@@ -30,3 +30,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_diagnostics.py
 	$(PY) benchmarks/bench_domains.py
 	$(PY) benchmarks/bench_stateful.py
+	$(PY) benchmarks/bench_deploy.py

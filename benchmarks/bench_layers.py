@@ -11,7 +11,9 @@ batch_size=8, ``dsbn`` one with 2 domains, routed to domain 0; other targets ``{
 
 One timed call = ``y = layer(x)`` then ``torch.autograd.grad(y, [x] + trainable params, g)``
 with a fixed random ``g`` of y's memory format (so the input gradient is computed, as inside a
-network, and nothing accumulates into ``.grad``). All layers are in train mode. After two
+network, and nothing accumulates into ``.grad``). A layer whose output is channels-last strided for
+an NCHW input (``pn``: it normalizes in (N, H, W, C) and hands that layout on) gets its gradient in
+that layout too, as the conv after it would return it. All layers are in train mode. After two
 warm-up calls per variant, every repeat runs every variant once in a freshly shuffled order
 (interleaving cancels drift and order effects); the tables show the median over repeats.
 
@@ -71,7 +73,7 @@ TARGET_OPTIONS = {
 }
 
 # Floors: forward + backward median of the target / median of its ref, same run.
-FLOORS = {"bgn": 1.3, "iebn": 1.6}
+FLOORS = {"bgn": 1.3, "iebn": 1.6, "pn+relu": 1.25}
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Variant:
     fmt: str  # "nchw", "cl" (NCHW logical shape, channels_last memory format), "nhwc"
     ref: str | None = None  # label of the reference row
     times: list[float] = field(default_factory=list)
+    grad: torch.Tensor | None = None  # g in the memory format of this variant's output (set at warm-up)
 
 
 class Permuted(nn.Module):
@@ -154,7 +157,9 @@ def time_call(v: Variant, x: torch.Tensor, g: torch.Tensor) -> float:
     inputs = [x] + v.params
     t0 = time.perf_counter()
     y = v.fn(x)
-    torch.autograd.grad(y, inputs, g)
+    if v.grad is None:  # first (warm-up) call: g laid out like y
+        v.grad = torch.empty_like(y).copy_(g)
+    torch.autograd.grad(y, inputs, v.grad)
     return time.perf_counter() - t0
 
 
@@ -225,7 +230,7 @@ def main(argv=None) -> int:
     gn_label = f"nn.GroupNorm({groups})"
 
     def ref_of(t):
-        r = NATIVE_MATCH.get(t)
+        r = NATIVE_MATCH.get(t, "nn.BatchNorm2d+ReLU" if t == "pn+relu" else None)
         return gn_label if r == "nn.GroupNorm(32)" else r
 
     variants: list[Variant] = []
@@ -247,6 +252,16 @@ def main(argv=None) -> int:
             ours[key], row_specs[key] = module, (t, options)
             labels[key] = f"ns {key} ({type(module).__name__}{describe(module)})"
             variants.append(Variant(labels[key], module, trainable(module), "nchw", ref_of(t)))
+            if t == "pn":  # the pair pn → ReLU of a converted network, against BN → ReLU
+                if "nn.BatchNorm2d+ReLU" not in natives:
+                    natives["nn.BatchNorm2d+ReLU"] = randomize_affine(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()), gen)
+                    natives["nn.BatchNorm2d+ReLU"].train()
+                    variants.append(Variant("nn.BatchNorm2d+ReLU", natives["nn.BatchNorm2d+ReLU"],
+                                            trainable(natives["nn.BatchNorm2d+ReLU"]), "nchw"))
+                pair = nn.Sequential(module, nn.ReLU())
+                labels["pn+relu"] = "ns pn + ReLU"
+                row_specs["pn+relu"] = ("pn+relu", {})
+                variants.append(Variant("ns pn + ReLU", pair, trainable(pair), "nchw", "nn.BatchNorm2d+ReLU"))
 
     # channels_last memory format (same NCHW logical shape): BN and GN, native and ours; and
     # PositionalNorm, whose permute to (N, H, W, C) is free on such an input.
@@ -265,6 +280,8 @@ def main(argv=None) -> int:
         ln_native = randomize_affine(nn.LayerNorm(c), gen)
         variants.append(Variant("nn.LayerNorm [nhwc]", ln_native, trainable(ln_native), "nhwc"))
         for key, (t, options) in row_specs.items():
+            if t == "pn+relu":
+                continue
             module, why = build_target(t, bn_source, (n, h, w, c), channels_last=True, options=options)
             if module is None:
                 skipped.append(f"{key} [nhwc]: {why}")
@@ -361,15 +378,21 @@ def main(argv=None) -> int:
 
 
 def model_train_step(repeats: int, batch: int = 8, size: int = 112) -> None:
-    """torchvision ResNet-50 SGD train step (forward, backward, step): original BN vs each proxy
-    conversion, interleaved in the same run."""
+    """torchvision ResNet-50 SGD train step (forward, backward, step): original BN vs its ``pn``
+    and proxy conversions, interleaved in the same run (NCHW input, default memory format), and BN
+    and ``pn`` with the model and input in ``torch.channels_last`` memory format ("cl")."""
+    import copy
+
     import torchvision
 
     torch.manual_seed(0)
     original = torchvision.models.resnet50()
     models = {"ResNet-50 (BatchNorm)": original}
-    for t in ("proxy_gn", "proxy_ln"):
+    for t in ("pn", "proxy_gn", "proxy_ln"):
         models[f"ResNet-50 {t}"] = normsurgeon.convert(original, to=t)
+    cl = torch.channels_last
+    models["ResNet-50 (BatchNorm) cl"] = copy.deepcopy(original).to(memory_format=cl)
+    models["ResNet-50 pn cl"] = copy.deepcopy(models["ResNet-50 pn"]).to(memory_format=cl)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
     steps = {}
@@ -377,7 +400,7 @@ def model_train_step(repeats: int, batch: int = 8, size: int = 112) -> None:
         m.train()
         opt = torch.optim.SGD(m.parameters(), lr=1e-3)
 
-        def step(m=m, opt=opt):
+        def step(m=m, opt=opt, x=x.contiguous(memory_format=cl) if label.endswith(" cl") else x):
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(m(x), y).backward()
             opt.step()

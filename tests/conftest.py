@@ -31,6 +31,16 @@ def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def small_convnet() -> nn.Module:
+    """conv → BN → ReLU → grouped conv → BN → ReLU → pool → linear (16 channels, 5 classes), with
+    randomized norms: a network that exports and compiles in seconds."""
+    torch.manual_seed(0)
+    return randomize_norms(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)))
+
+
 @pytest.fixture
 def rand_input():
     def make(*shape, seed=0):

@@ -3,7 +3,9 @@
 Such a layer counts its gradient-enabled training forwards since the last
 ``after_optimizer_step`` (a Python counter, not state). When the count reaches
 ``step_hook_patience`` while the layer depends on the hook, it warns once per process and
-layer class: the loop forgot ``normsurgeon.after_step(model, inputs)``.
+layer class: the loop forgot ``normsurgeon.after_step(model, inputs)``. Forwards run by
+``torch.compile`` are not counted (the counter would be a recompile guard), so a compiled loop
+without the hook is not warned about.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ class StepHookClient:
     def _note_training_forward(self) -> None:
         if not torch.is_grad_enabled():
             return  # refresh / recalibration forwards are not training iterations
+        if torch.compiler.is_compiling():
+            return  # a Python counter read in a compiled forward would recompile it at every step
         self._forwards_since_step += 1
         if self._forwards_since_step == self.step_hook_patience and self._needs_step_hook():
             kind = type(self).__name__

@@ -44,7 +44,7 @@ class FusedActLayout:
             raise ValueError(f"{self._where()} expects an input with a batch and a channel axis, "
                              f"got shape {tuple(x.shape)}")
         if self.channels_last:
-            y = fn(x.movedim(-1, 1)).movedim(1, -1)
+            y = channels_to_last(fn(channels_to_first(x)))
         else:
             y = fn(x)
         return self._epilogue(y)
@@ -65,6 +65,18 @@ class FusedActLayout:
 
     def _layout_repr(self) -> str:
         return ", channels_last=True" if self.channels_last else ""
+
+
+def channels_to_last(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, *) → (N, *, C), a view. Written as an explicit permutation rather than
+    ``movedim(1, -1)``: the legacy ONNX exporter turns movedim's negative axes into an invalid
+    Transpose perm such as {0, -1, 1, 2}."""
+    return x.permute(0, *range(2, x.ndim), 1)
+
+
+def channels_to_first(x: torch.Tensor) -> torch.Tensor:
+    """(N, *, C) → (N, C, *), a view (explicit permutation, see ``channels_to_last``)."""
+    return x.permute(0, x.ndim - 1, *range(1, x.ndim - 1))
 
 
 def elements_per_channel(x: torch.Tensor) -> int:

@@ -40,6 +40,11 @@ Our choices where the paper/official code leave room (documented, testable):
   ``torch.optim.swa_utils.update_bn`` recalibrate this layer like any BatchNorm.
 - All state (window, step counter, ring position) is in registered buffers: checkpointed,
   moved by ``.to()``, copied by ``deepcopy``.
+- Under ``torch.compile`` the state is shape- and branch-stable: the pool size n comes from the
+  ``past_valid`` buffer, and the ring position is read from the ``past_head`` buffer (entries are
+  written with ``index_copy_``) instead of the Python mirror that eager mode uses to write the
+  derivatives straight into their slot. So the window fills without recompiling; the end of the
+  burn-in (a change of branch) recompiles once.
 
 The layer reads its conv's input through a forward hook on the conv (``attach``), and checks
 that its own input is that conv's output from the same forward; a weak reference keeps the conv
@@ -130,9 +135,9 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         # by model.to(memory_format=torch.channels_last), which rejects 5-d tensors
         self.register_buffer("past_mean_patch", torch.zeros(past, groups, cin_g * kh * kw))
         self.register_buffer("past_var_grad", torch.zeros(past, c, cin_g * kh * kw))
-        self._steps = 0  # mirror of num_steps (read every forward without a device sync)
-        self._head = 0  # mirror of past_head
-        self._filled = 0  # mirror of past_valid.sum(): entries are written in ring order from slot 0
+        self._steps = 0  # mirror of num_steps (read without a device sync)
+        self._burning_in = burnin > 0  # self._steps < burnin, as a flag that changes once (compile guards)
+        self._head: int | None = 0  # mirror of past_head; None after compiled pushes (read the buffer)
         self._tap = None
 
     # -- wiring -----------------------------------------------------------------------------
@@ -150,6 +155,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         """One optimizer step happened (called by ``normsurgeon.after_step``): counts the burn-in."""
         self._steps += 1
         self.num_steps.fill_(self._steps)
+        self._burning_in = self._steps < self.burnin
         self._note_step()
 
     def _needs_step_hook(self) -> bool:
@@ -162,7 +168,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._steps, self._head = int(self.num_steps), int(self.past_head)
-        self._filled = int(self.past_valid.sum())
+        self._burning_in = self._steps < self.burnin
 
     # -- statistics ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -200,17 +206,42 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
               mean: torch.Tensor, var: torch.Tensor) -> None:
         """Store the current batch's statistics and derivatives in the ring (``centered`` = conv
         output − ``mean``); the derivatives are written straight into their slot."""
-        slot = self._head
+        if torch.compiler.is_compiling():
+            return self._push_indexed(conv, conv_input, centered, mean, var)
+        slot = self._head if self._head is not None else int(self.past_head)
         out = (self.past_mean_patch[slot].view((self.groups,) + self.weight_shape[1:]),
                self.past_var_grad[slot].view(self.weight_shape))
         conv_statistics(conv, conv_input, centered, mean, var, centered=True, out=out)
         self.past_mean[slot].copy_(mean)
         self.past_var[slot].copy_(var)
-        if self._filled < self.window - 1:
-            self.past_valid[slot] = 1.0
-            self._filled += 1
+        self.past_valid[slot] = 1.0
         self._head = (slot + 1) % (self.window - 1)
         self.past_head.fill_(self._head)
+
+    @torch.no_grad()
+    def _push_indexed(self, conv: nn.Conv2d, conv_input: torch.Tensor, centered: torch.Tensor,
+                      mean: torch.Tensor, var: torch.Tensor) -> None:
+        """``_push`` with the slot read from the ``past_head`` buffer (no Python int to guard on, so
+        torch.compile does not recompile per slot); the derivatives go through one temporary.
+
+        The small per-channel entries (``past_mean``, ``past_var``, ``past_valid``) are replaced by
+        updated tensors rather than written in place: AOTAutograd may recompute cheap forward ops
+        from a buffer inside the backward, after the forward has written that buffer in place (seen
+        with torch 2.14: n = 1 + Σ valid recomputed from the updated ``past_valid`` gave wrong
+        gradients while the window filled). The derivatives enter the forward only through matrix
+        products, which are saved rather than recomputed, so they are written in place.
+        """
+        out = (self.past_mean_patch.new_empty((self.groups,) + self.weight_shape[1:]),
+               self.past_var_grad.new_empty(self.weight_shape))
+        conv_statistics(conv, conv_input, centered, mean, var, centered=True, out=out)
+        head = self.past_head
+        self.past_mean_patch.index_copy_(0, head, out[0].view(1, self.groups, -1))
+        self.past_var_grad.index_copy_(0, head, out[1].view(1, self.num_features, -1))
+        self.past_mean = self.past_mean.index_copy(0, head, mean.to(self.past_mean.dtype).unsqueeze(0))
+        self.past_var = self.past_var.index_copy(0, head, var.to(self.past_var.dtype).unsqueeze(0))
+        self.past_valid = self.past_valid.index_fill(0, head, 1.0)
+        self.past_head.copy_((head + 1) % (self.window - 1))
+        self._head = None  # the Python mirror is stale: the next eager push reads the buffer
 
     def state_bytes(self) -> int:
         """Bytes of cross-iteration state (the window and counters) held by this layer."""
@@ -223,7 +254,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         tap, self._tap = self._tap, None
         if self.training:
             self._note_training_forward()
-        if not self.training or self.window == 1 or self._steps < self.burnin:
+        if not self.training or self.window == 1 or self._burning_in:
             return super()._normalize(x)  # BatchNorm exactly
         with _autocast_off(x.device.type):
             return self._normalize_window(x, tap)
@@ -254,8 +285,8 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         if weight is not None and weight.dtype != work.dtype:
             weight, bias = weight.to(work.dtype), bias.to(work.dtype)
         push = conv is not None and torch.is_grad_enabled()
-        out, mean_t, var_t, centered = _WindowNorm.apply(work, weight, bias, past_mean, past_var, valid,
-                                                         1 + self._filled, self.eps)
+        n = valid.sum() + 1  # the current batch and the valid past entries, a tensor: no guard on it
+        out, mean_t, var_t, centered = _WindowNorm.apply(work, weight, bias, past_mean, past_var, valid, n, self.eps)
         out = out.to(x.dtype)
         factor = _running_factor(self, x)
         _update_running(self, mean_t, var_t, count, factor)
@@ -270,7 +301,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
 
 class _WindowNorm(torch.autograd.Function):
     """y = γ (x − μ̄)·s + β, s = (σ̄² + eps)^−½, with μ̄, σ̄² pooled over n = 1 + (valid past entries)
-    from the current batch's μ_t, σ²_t and the constant past entries (module docstring); backward
+    (a 0-d tensor) from the current batch's μ_t, σ²_t and the constant past entries (module docstring); backward
     in closed form.
 
     Forward: μ_t, the centered batch c = x − μ_t, σ²_t = mean(c²) (plain reductions: on CPU
@@ -302,7 +333,7 @@ class _WindowNorm(torch.autograd.Function):
         invstd = var.add(eps).rsqrt_()
         gamma = weight if weight is not None else torch.ones_like(var)
         ctx.save_for_backward(centered, gamma / n, shift, invstd, invstd * gamma * (1 - 1 / n))
-        ctx.n, ctx.eps, ctx.has_weight, ctx.has_bias = n, eps, weight is not None, bias is not None
+        ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
         ctx.mark_non_differentiable(mean_t, var_t, centered)
         return out, mean_t, var_t, centered
 
@@ -315,6 +346,5 @@ class _WindowNorm(torch.autograd.Function):
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad, centered, bn_weight, None, None, shift, invstd, True, ctx.eps,
             [True, ctx.has_weight and ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]])
-        if ctx.n > 1:
-            grad_x.addcmul_(grad, direct.view(1, -1, 1, 1))
+        grad_x.addcmul_(grad, direct.view(1, -1, 1, 1))  # (zero while the window is empty, n = 1)
         return grad_x, grad_w, grad_b, None, None, None, None, None

@@ -120,6 +120,15 @@ class MemorizedBatchNorm(StepHookClient, BatchNorm):
 
     @torch.no_grad()
     def _push(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            # Under torch.compile the memory is replaced by updated tensors, not written in place: the
+            # training forward reads it for the pooled statistics, and AOTAutograd may recompute those
+            # cheap ops in the backward from the already-written buffer (wrong gradients; see CBN).
+            self.memory_mean = torch.cat([mean.to(self.memory_mean.dtype).unsqueeze(0), self.memory_mean[:-1]])
+            self.memory_var = torch.cat([var.to(self.memory_var.dtype).unsqueeze(0), self.memory_var[:-1]])
+            self.memory_valid = torch.cat([self.memory_valid.new_ones(1), self.memory_valid[:-1]])
+            self._mirror()
+            return
         for buf, value in ((self.memory_mean, mean), (self.memory_var, var)):
             if self.memory > 1:
                 buf[1:] = buf[:-1].clone()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FusedActLayout
+from .base import FusedActLayout, channels_to_first, channels_to_last
 
 
 class _ContiguousGradient(torch.autograd.Function):
@@ -51,8 +51,8 @@ class PositionalNorm(FusedActLayout, nn.LayerNorm):
             # the explicit copies: layer_norm makes its input contiguous anyway (torch's expanded
             # weights, Opacus's 'ew', require it); the output gets the input's layout instead of
             # a channels-last view (Opacus's conv grad sampler silently misreads such inputs)
-            y = F.layer_norm(x.movedim(1, -1).contiguous(), self.normalized_shape, self.weight,
-                             self.bias, self.eps).movedim(-1, 1)
+            y = channels_to_first(F.layer_norm(channels_to_last(x).contiguous(), self.normalized_shape,
+                                               self.weight, self.bias, self.eps))
             if x.is_contiguous():
                 y = y.contiguous()
         return self._epilogue(y)

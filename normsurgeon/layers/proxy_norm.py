@@ -10,6 +10,12 @@ moments are differentiable functions of (γ, β, γ̃, β̃), computed in every 
 evaluations, tiny. There are no batch statistics: train = eval, and each
 sample's output depends on that sample only. φ is any elementwise activation module, applied
 to the grid as a (1, C, n) tensor so per-channel activations (PReLU) work as they are.
+
+At inference the moments are constants: in eval mode, when no autograd graph is recorded through a
+trainable parameter, they are computed once and reused while every parameter and buffer of the
+layer (φ's too) is the same tensor with the same version counter (an optimizer step, ``copy_``,
+``load_state_dict`` or ``.to()`` changes one of them, and the moments are recomputed). Training-mode
+forwards and traced/compiled/exported forwards always compute them.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FusedActLayout, elements_per_channel
+from .base import FusedActLayout, channels_to_first, channels_to_last, elements_per_channel
 
 DEFAULT_PROXY_EPS = 0.03
 DEFAULT_PROXY_POINTS = 200
@@ -29,6 +35,12 @@ def normal_quantile_grid(num_points: int = DEFAULT_PROXY_POINTS, device=None) ->
     """(num_points,) float64: Φ⁻¹((i + 0.5) / num_points), i = 0 .. num_points − 1."""
     levels = (torch.arange(num_points, dtype=torch.float64, device=device) + 0.5) / num_points
     return torch.special.ndtri(levels)
+
+
+def _fx_tracing() -> bool:
+    """torch.fx symbolic tracing in progress (torch.export counts as compiling)."""
+    trace = torch.fx._symbolic_trace
+    return getattr(trace, "is_fx_symbolic_tracing", trace.is_fx_tracing)()
 
 
 def _positively_homogeneous(act: nn.Module) -> bool:
@@ -68,6 +80,22 @@ class ProxyNormAct(FusedActLayout, nn.Module):
         self.proxy_points = proxy_points
         self._init_fused(channels_last, _not_inplace(act), drop)
         self.scale_inside_act = _positively_homogeneous(self.act)
+        self._moment_cache = None  # (key, (m, s)) in eval mode, see _moment_cache_key
+
+    def _moment_cache_key(self) -> tuple | None:
+        """What the cached moments were computed from, or None when they must be computed now:
+        training mode, autograd recording through a trainable parameter, tracing or compiling."""
+        if self.training:
+            self._moment_cache = None
+            return None
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or _fx_tracing():
+            return None
+        tensors = [*self.parameters(), *self.buffers()]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        if any(t.device.type == "meta" or t.is_inference() for t in tensors):
+            return None
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
     @property
     def proxy_grid(self) -> torch.Tensor:
@@ -77,6 +105,16 @@ class ProxyNormAct(FusedActLayout, nn.Module):
 
     def proxy_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, s), each (C,): mean and 1/sqrt(var + ε_proxy) of φ(γ·Y + β) on the grid (≥ fp32)."""
+        key = self._moment_cache_key()
+        cache = getattr(self, "_moment_cache", None)
+        if key is not None and cache is not None and cache[0] == key:
+            return cache[1]
+        moments = self._compute_proxy_moments()
+        if key is not None:
+            self._moment_cache = (key, moments)
+        return moments
+
+    def _compute_proxy_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         grid = self.proxy_grid.to(dtype)
         gamma, beta = self.weight.to(dtype)[:, None], self.bias.to(dtype)[:, None]
@@ -90,16 +128,16 @@ class ProxyNormAct(FusedActLayout, nn.Module):
         """γ·y + β for input ``x`` (same layout): the value φ is applied to, for observers
         (``diagnostics``). The forward may feed φ a rescaled copy (fast path) and also runs φ on
         the proxy grid, so hooking ``act`` would see neither the right values nor only data."""
-        cf = x.movedim(-1, 1) if self.channels_last else x
+        cf = channels_to_first(x) if self.channels_last else x
         z = F.group_norm(cf, self.num_groups, self.weight, self.bias, self.eps)
-        return z.movedim(1, -1) if self.channels_last else z
+        return channels_to_last(z) if self.channels_last else z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 2:
             raise ValueError(f"{self._where()} expects (N, C, *) or (N, *, C), got {tuple(x.shape)}")
         self._refuse_expanded_weights()
         if self.channels_last:
-            x = x.movedim(-1, 1)
+            x = channels_to_first(x)
         per_group = self.num_channels // self.num_groups * elements_per_channel(x)
         if per_group < 2:
             raise ValueError(f"{self._where()} normalizes over a single value per group (input "
@@ -120,7 +158,7 @@ class ProxyNormAct(FusedActLayout, nn.Module):
                 out = torch.addcmul((-mean * scale).view(view), a, scale.view(view))
             else:  # half precision: subtract the proxy mean in float32
                 out = ((a.to(mean.dtype) - mean.view(view)) * scale.view(view)).to(x.dtype)
-        return out.movedim(1, -1) if self.channels_last else out
+        return channels_to_last(out) if self.channels_last else out
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, num_groups={self.num_groups}, eps={self.eps}, "
