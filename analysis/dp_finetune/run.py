@@ -41,7 +41,7 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from finetune_studies import accuracy, finished, lite0_with_new_head, run_jobs, write_outputs  # noqa: E402
-SIZE, TRAIN_PER_CLASS, BATCH, EPOCHS, LR, EPSILON, DELTA, CLIP = 112, 16, 64, 10, 1.0, 8.0, 1e-4, 1.0
+SIZE, TRAIN_PER_CLASS, BATCH, EPOCHS, LR, EPSILON, DELTA, CLIP = 112, 16, 64, 5, 1.0, 8.0, 1e-4, 1.0
 ROWS = ["opacus_fix", "gn", "frozen_bn", "proxy_gn", "ln"]
 FIELDS = ["row", "seed", "epsilon", "delta", "noise_multiplier", "steps", "test", "train", "test_at_start",
           "train_cpu_s", "cpu_s"]

@@ -78,6 +78,7 @@ class ProxyNormAct(FusedActLayout, nn.Module):
         self.proxy_weight = nn.Parameter(torch.zeros(num_channels))
         self.proxy_bias = nn.Parameter(torch.zeros(num_channels))
         self.proxy_points = proxy_points
+        self._grid = normal_quantile_grid(proxy_points)  # a plain attribute, see proxy_grid
         self._init_fused(channels_last, _not_inplace(act), drop)
         self.scale_inside_act = _positively_homogeneous(self.act)
         self._moment_cache = None  # (key, (m, s)) in eval mode, see _moment_cache_key
@@ -99,9 +100,19 @@ class ProxyNormAct(FusedActLayout, nn.Module):
 
     @property
     def proxy_grid(self) -> torch.Tensor:
-        """The grid u, float64 on the parameters' device, made on each call (three tiny
-        kernels): not a buffer, since Opacus (DP-SGD) refuses any buffer in a trainable layer."""
-        return normal_quantile_grid(self.proxy_points, self.weight.device)
+        """The grid u, float64 on the parameters' device. A plain tensor attribute, not a buffer:
+        Opacus (DP-SGD) refuses any buffer in a trainable layer. Kept, not recomputed per call,
+        so traced, compiled and exported graphs hold it as a constant (ONNX has no Φ⁻¹)."""
+        kept = self.__dict__.get("_grid")
+        grid = kept
+        if grid is None or grid.numel() != self.proxy_points or grid.device.type == "meta":
+            grid = normal_quantile_grid(self.proxy_points)
+        if grid.device != self.weight.device:
+            grid = grid.to(self.weight.device)
+        tracing = torch.compiler.is_compiling() or _fx_tracing()
+        if grid is not kept and grid.device.type != "meta" and not tracing:  # never keep a fake or meta grid
+            self.__dict__["_grid"] = grid
+        return grid
 
     def proxy_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, s), each (C,): mean and 1/sqrt(var + ε_proxy) of φ(γ·Y + β) on the grid (≥ fp32)."""
