@@ -68,3 +68,31 @@ def write_outputs(here: str, summarize: Callable, table: Callable, plot: Callabl
         f.write(table(summary) + "\n")
     plot(frame, os.path.join(here, "accuracy.png"))
     print(table(summary))
+
+
+def accuracy_figure(frame, rows: list[str], path: str, title: str, size=(10, 4.2), **pointplot) -> None:
+    """Test accuracy in % (column ``test``) per row in the order of ``rows``, mean ± sd over seeds,
+    each run as a grey dot; ``pointplot`` goes to seaborn's pointplot (e.g. hue="batch")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    order = [r for r in rows if r in set(frame["row"])]
+    frame = frame.assign(**{"test accuracy %": 100 * frame["test"]})
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=size)
+    sns.pointplot(data=frame, x="row", y="test accuracy %", order=order, errorbar="sd", linestyle="none",
+                  capsize=0.15, ax=ax, **pointplot)
+    dodge = {"dodge": 0.35} if "hue" in pointplot else {}
+    sns.stripplot(data=frame, x="row", y="test accuracy %", order=order, color="0.6", size=3, ax=ax,
+                  hue=pointplot.get("hue"), palette=["0.6"] * frame[pointplot["hue"]].nunique() if "hue" in pointplot
+                  else None, legend=False, **dodge)
+    ax.set_xlabel("")
+    ax.set_ylim(0, 100)
+    ax.tick_params(axis="x", rotation=25)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

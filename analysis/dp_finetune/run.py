@@ -40,7 +40,8 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from finetune_studies import accuracy, finished, lite0_with_new_head, run_jobs, write_outputs  # noqa: E402
+from finetune_studies import (accuracy, accuracy_figure, finished, lite0_with_new_head, run_jobs,  # noqa: E402
+                              write_outputs)
 SIZE, TRAIN_PER_CLASS, BATCH, EPOCHS, LR, EPSILON, DELTA, CLIP = 112, 16, 64, 5, 1.0, 8.0, 1e-4, 1.0
 ROWS = ["opacus_fix", "gn", "frozen_bn", "proxy_gn", "ln"]
 FIELDS = ["row", "seed", "epsilon", "delta", "noise_multiplier", "steps", "test", "train", "test_at_start",
@@ -142,25 +143,8 @@ def table(summary) -> str:
 
 
 def plot(frame, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    fig, ax = plt.subplots(figsize=(8, 4))
-    frame = frame.assign(**{"test accuracy %": 100 * frame["test"]})
-    sns.pointplot(data=frame, x="row", y="test accuracy %", order=[r for r in ROWS if r in set(frame["row"])],
-                  errorbar="sd", linestyle="none", capsize=0.15, ax=ax)
-    sns.stripplot(data=frame, x="row", y="test accuracy %", order=[r for r in ROWS if r in set(frame["row"])],
-                  color="0.5", size=4, ax=ax)
-    ax.set_xlabel("")
-    ax.set_title(f"DP-SGD fine-tuning of EfficientNet-Lite0 (norm + head), ε = {EPSILON:g}, δ = {DELTA:g}: "
-                 f"test accuracy, mean ± sd")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    accuracy_figure(frame, ROWS, path, f"DP-SGD fine-tuning of EfficientNet-Lite0 (norm + head), ε = {EPSILON:g}, "
+                    f"δ = {DELTA:g}: test accuracy, mean ± sd", size=(8, 4))
 
 
 def main() -> None:

@@ -43,7 +43,8 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from finetune_studies import accuracy, finished, lite0_with_new_head, run_jobs, write_outputs  # noqa: E402
+from finetune_studies import (accuracy, accuracy_figure, finished, lite0_with_new_head, run_jobs,  # noqa: E402
+                              write_outputs)
 SIZE, STEPS, LR, WARMUP, EVAL_EVERY = 112, 250, 1e-4, 20, 50
 ROWS = {  # row: (normsurgeon target or None for the original model, options, train_statistics)
     "bn": (None, {}, True),
@@ -152,28 +153,10 @@ def table(summary) -> str:
 
 
 def plot(frame, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    order = [r for r in ROWS if r in set(frame["row"])]
-    frame = frame.assign(**{"test accuracy %": 100 * frame["test"], "batch": frame["batch"].astype(str)})
-    sns.set_theme(style="whitegrid", context="notebook")
-    fig, ax = plt.subplots(figsize=(10, 4.2))
-    sns.pointplot(data=frame, x="row", y="test accuracy %", hue="batch", order=order, errorbar="sd",
-                  dodge=0.35, linestyle="none", markers=["o", "s"], capsize=0.15,
-                  palette=["tab:red", "tab:blue"], ax=ax)
-    ax.set_xlabel("")
-    ax.set_ylim(0, 100)
-    ax.tick_params(axis="x", rotation=25)
-    ax.legend(title="per-step batch", loc="lower left")
-    ax.set_title(f"Pretrained EfficientNet-Lite0 fine-tuned on {int(frame['classes'].iloc[0])} photos "
-                 f"({STEPS} steps, {SIZE} px): test accuracy, mean ± sd over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    frame = frame.assign(batch=frame["batch"].astype(str))
+    accuracy_figure(frame, list(ROWS), path, f"Pretrained EfficientNet-Lite0 fine-tuned on {int(frame['classes'].iloc[0])} "
+                    f"photos ({STEPS} steps, {SIZE} px): test accuracy, mean ± sd over seeds", hue="batch",
+                    hue_order=["2", "32"], dodge=0.35, markers=["o", "s"], palette=["tab:red", "tab:blue"])
 
 
 def main() -> None:
