@@ -142,6 +142,21 @@ def test_folded_models_export(tmp_path):
     assert "Sigmoid" in ops and not ops & NORM_OPS
 
 
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_an_example_of_batch_one_still_exports_a_dynamic_batch(dynamo, tmp_path):
+    """Users pass one image (batch 1); torch.export alone would fix the batch at 1 or refuse."""
+    model = converted(small_convnet(), "gn")
+    path = str(tmp_path / "m.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        ns.export_onnx(model, torch.randn(1, 3, 16, 16), path, dynamo=dynamo)
+    check_onnx(path, model, 16)
+    program = export_program(model, torch.randn(1, 3, 16, 16))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert relative_error(program.module()(x), model(x)) <= 1e-5
+
+
 def test_train_mode_and_unrouted_dsbn_are_refused_with_the_fix(tmp_path):
     model = converted(small_convnet(), "cbn").train()
     for call in (lambda: ns.export_onnx(model, torch.randn(2, 3, 16, 16), str(tmp_path / "m.onnx")),

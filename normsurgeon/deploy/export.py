@@ -59,9 +59,19 @@ def _batch_dim():
     return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
 
+def _example_for_tracing(example: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
+    """The example with a batch of 2 when it has 1 and the batch is to stay dynamic: torch.export
+    treats a size-1 dimension as the constant 1 and would refuse to make it dynamic."""
+    if dynamic_batch and isinstance(example, torch.Tensor) and example.ndim > 0 and example.shape[0] == 1:
+        return example.repeat(2, *[1] * (example.ndim - 1))
+    return example
+
+
 def export_program(model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool = True):
-    """``torch.export.export(model, (example,))`` with dimension 0 dynamic; after ``check_exportable``."""
+    """``torch.export.export(model, (example,))`` with dimension 0 dynamic; after ``check_exportable``.
+    An example with batch 1 is traced as two copies of itself (torch.export specializes size 1)."""
     check_exportable(model)
+    example = _example_for_tracing(example, dynamic_batch)
     return torch.export.export(model, (example,), dynamic_shapes=_batch_dim() if dynamic_batch else None)
 
 
@@ -72,6 +82,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     exporter. Needs the ``onnx``/``onnxscript`` packages for the dynamo exporter
     (``pip install "normsurgeon[export]"``)."""
     check_exportable(model)
+    example = _example_for_tracing(example, dynamic_batch)
     path = os.fspath(path)
     names = {"input_names": ["input"], "output_names": ["output"]}
     if dynamo:
