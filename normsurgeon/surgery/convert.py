@@ -128,7 +128,9 @@ def _install(model: nn.Module, site: Site, built: Built) -> None:
     if frozen:
         for p in new.parameters(recurse=False):
             p.requires_grad_(False)
-    new.train(old.training)
+    old_parts = dict(old.named_modules())
+    for name, part in new.named_modules():  # each part takes the flag of its counterpart (act, drop), else the norm's
+        part.training = old_parts[name].training if name in old_parts else old.training
     new.site_name = site.name
     for name in site.names:
         model.set_submodule(name, new)
@@ -294,7 +296,9 @@ def _remove_consumed_activations(work, builds, pairings, plans, analysis, report
         pairing = pairings[name]
         if pairing.removal == "swap":
             act = work.get_submodule(pairing.act_name)
-            work.set_submodule(pairing.act_name, nn.Identity())
+            identity = nn.Identity()
+            identity.training = act.training
+            work.set_submodule(pairing.act_name, identity)
             undo.append(lambda n=pairing.act_name, a=act: work.set_submodule(n, a))
         else:
             rewrite.setdefault(pairing.owner, set()).add(name)

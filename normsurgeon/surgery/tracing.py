@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from .sources import match_source
-from ..model_state import restore_training_flags, training_flags
+from ..model_state import preserved
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MAX_LEAF_RETRIES = 32
@@ -98,10 +98,9 @@ def _first_line(exc: BaseException) -> str:
 def trace(model: nn.Module, train: bool = True) -> TraceResult:
     """Trace ``model`` in train (or eval) mode; unrecoverable failures come back as ``error``. Every
     module's own train/eval flag is given back afterwards."""
-    flags = training_flags(model)
-    model.train(train)
     leaves: dict[str, str] = {}
-    try:
+    with preserved(model):
+        model.train(train)
         for _ in range(_MAX_LEAF_RETRIES):
             tracer = NormTracer(set(leaves))
             try:
@@ -114,5 +113,3 @@ def trace(model: nn.Module, train: bool = True) -> TraceResult:
                     return TraceResult(None, leaves, reason)
                 leaves[stack[-1]] = reason
         return TraceResult(None, leaves, f"gave up after {_MAX_LEAF_RETRIES} untraceable submodules")
-    finally:
-        restore_training_flags(flags)
