@@ -45,7 +45,7 @@ import normsurgeon  # noqa: E402
 from machine import add_threads_argument, apply_threads, cpu_model  # noqa: E402  (benchmarks/machine.py)
 # importlib, not `from normsurgeon.surgery import convert`: the package re-exports the
 # function `convert` under the submodule's name.
-convert_mod = importlib.import_module("normsurgeon.surgery.convert")
+convert_mod = importlib.import_module("normsurgeon.surgery.pipeline")
 sites_mod = importlib.import_module("normsurgeon.surgery.sites")
 
 FLOOR_S = 0.5  # a conversion should take less than this
@@ -101,7 +101,7 @@ def instrumented(times: StageTimes):
         patches.append((mod, attr, original))
         setattr(mod, attr, times.wrap(stage, original))
 
-    # convert.py calls copy.deepcopy via its module global `copy`: give it a shim module so
+    # pipeline.py calls copy.deepcopy via its module global `copy`: give it a shim module so
     # deepcopy's own recursive calls (which go through the real copy module) are not wrapped.
     if hasattr(convert_mod, "copy"):
         shim = types.SimpleNamespace(**{k: getattr(copy, k) for k in dir(copy) if not k.startswith("__")})

@@ -1,5 +1,5 @@
 """Model surgery: tracing, site discovery, the target registry, rewriting and the report."""
-from .convert import ConversionError, convert, plan
+from .pipeline import ConversionError, convert, plan
 from .registry import Built, SiteInfo, SkipSite, available_targets, get_target, register_target
 from .report import ConversionReport, SiteRow
 from .sources import SourceNorm, register_source

@@ -187,7 +187,7 @@ def _register_builtin() -> None:
     for cls in (bn._BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                 layers.BatchNorm, layers.CrossIterationBatchNorm, layers.MemorizedBatchNorm):
         _READERS[cls] = read_batch_norm
-    for cls in (nn.GroupNorm, layers.GroupNorm, layers.LayerNorm):
+    for cls in (nn.GroupNorm, layers.GroupNorm, layers.GroupNorm1):
         _READERS[cls] = read_group_norm
     for cls in (nn.modules.instancenorm._InstanceNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                 nn.InstanceNorm3d, layers.InstanceNorm):
