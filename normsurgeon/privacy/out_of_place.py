@@ -30,7 +30,6 @@ from torch.nn import functional as F
 
 from ..model_state import preserved
 from ..surgery import forward_rewrite
-from ..surgery.pairing import _why_not_rewritable
 from ..surgery.probe import on_meta
 from ..surgery.tracing import failure_location, trace
 from .dp_ready import NotDPReady
@@ -95,7 +94,7 @@ def _rewrite(owner: nn.Module, where: str) -> None:
             raise InplaceOpError(f"{where}: its rewritten forward has an in-place op normsurgeon "
                                  f"cannot replace")
     else:
-        why = _why_not_rewritable(owner)
+        why = forward_rewrite.why_not_rewritable(owner)
         if why:
             why = why.replace("its parent's ", "its ")
             raise InplaceOpError(f"{where}: cannot rewrite it, {why}")

@@ -41,6 +41,16 @@ class Site:
     def names(self) -> list[str]:
         return [self.name] + self.aliases
 
+    def install(self, model: nn.Module, new: nn.Module) -> None:
+        """Put ``new`` in this site's place (under every name it has)."""
+        for name in self.names:
+            model.set_submodule(name, new)
+
+    def restore(self, model: nn.Module) -> None:
+        """Undo ``install``: the original module back in its place."""
+        for name in self.names:
+            model.set_submodule(name, self.module)
+
 
 @dataclass
 class Analysis:
