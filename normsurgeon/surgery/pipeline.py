@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .functional_sites import functional_sites
 from .graph_context import GraphContext
 from .probe import check_input_size, check_on_meta
 from .registry import Built, ConversionError, SiteInfo, SkipSite, get_target
@@ -234,6 +235,8 @@ def _run(model, to, include, exclude, overrides, input_size, options, dry_run, i
     work = model if inplace else copy.deepcopy(model)
     analysis = analyze(work, input_size)
     module_sites = [s.name for s in analysis.sites if s.match.reader]
+    calls, analysis.functional = functional_sites(work, analysis.functional)  # F.layer_norm & co.: sites too
+    analysis.sites += calls
     _warn_unmatched(include, analysis.sites, "include")
     _warn_unmatched(exclude, analysis.sites, "exclude")
     _warn_unmatched_overrides(overrides, analysis.sites)

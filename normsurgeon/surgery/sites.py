@@ -17,8 +17,8 @@ from .probe import ProbeResult, default_input_size, meta_forward
 from .sources import Match, match_source
 from .tracing import TraceResult, trace
 
-FUNCTIONAL_NORMS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, torch.batch_norm,
-                    torch.layer_norm, torch.group_norm, torch.instance_norm}
+FUNCTIONAL_NORMS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, torch.batch_norm,
+                    torch.layer_norm, torch.group_norm, torch.instance_norm, torch.rms_norm}
 
 
 @dataclass

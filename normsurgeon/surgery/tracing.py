@@ -95,14 +95,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def trace(model: nn.Module, train: bool = True) -> TraceResult:
-    """Trace ``model`` in train (or eval) mode; unrecoverable failures come back as ``error``. Every
-    module's own train/eval flag is given back afterwards."""
+def trace(model: nn.Module, train: bool = True, leaves_first: frozenset[str] = frozenset()) -> TraceResult:
+    """Trace ``model`` in train (or eval) mode, with the submodules named in ``leaves_first`` as leaves
+    too; unrecoverable failures come back as ``error``. Every module's own train/eval flag is given
+    back afterwards."""
     leaves: dict[str, str] = {}
     with preserved(model):
         model.train(train)
         for _ in range(_MAX_LEAF_RETRIES):
-            tracer = NormTracer(set(leaves))
+            tracer = NormTracer(set(leaves) | set(leaves_first))
             try:
                 graph = tracer.trace(model)
                 return TraceResult(graph, leaves)
