@@ -5,7 +5,9 @@ whether it sits on a residual shortcut) registers ``context=f`` with ``f(graphs)
 name: value}``; the value reaches its builder as ``SiteInfo.context``. ``graphs`` is one
 ``GraphContext``: the whole-model graph traced in train mode by ``analyze``, the eval-mode graph
 traced on first use, the module table, and a cache so that two targets (or two sites) asking
-for the same analysis compute it once. A model is traced at most twice per conversion.
+for the same analysis compute it once. The whole model is traced at most twice per conversion;
+a module is traced alone only when its own forward is rewritten (``pairing.py``,
+``functional_sites.py``).
 """
 from __future__ import annotations
 
