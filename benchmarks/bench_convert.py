@@ -14,9 +14,13 @@ timers (a few wrapped calls per conversion, microseconds of overhead):
   trace     torch.fx tracing with progressive leafing (tracing.trace)
   graph     call counts / functional norms from the graph (sites._annotate_with_graph)
   probe     one forward on meta tensors recording input shapes (probe.meta_forward)
-  build     building every new layer and transferring weights (convert._build_all)
-  verify    each new layer alone on meta tensors, train + eval (convert._verify)
-  install   swapping the new layers into the model (convert._install, all sites)
+  functional  functional norm calls made sites: their modules traced alone (functional_sites)
+  context   the graph context the targets ask for: eval-mode trace, pairings, shortcuts,
+            producers (pipeline._contexts)
+  build     building every new layer and transferring weights (pipeline._build_all)
+  verify    each new layer alone on meta tensors, train + eval (pipeline._verify)
+  install   swapping the new layers into the model (pipeline._install, all sites)
+  finalize  the targets' finalize hooks, e.g. proxy's activation removal + whole-model meta run
   other     the rest: option checks, report, warnings, glue inside analyze
 A stage whose function is not found (renamed upstream) is shown as "-" and lands in "other".
 """
@@ -43,13 +47,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normsurgeon  # noqa: E402
 from machine import add_threads_argument, apply_threads, cpu_model  # noqa: E402  (benchmarks/machine.py)
-# importlib, not `from normsurgeon.surgery import convert`: the package re-exports the
-# function `convert` under the submodule's name.
-convert_mod = importlib.import_module("normsurgeon.surgery.convert")
+convert_mod = importlib.import_module("normsurgeon.surgery.pipeline")
 sites_mod = importlib.import_module("normsurgeon.surgery.sites")
 
 FLOOR_S = 0.5  # a conversion should take less than this
-STAGES = ("deepcopy", "find", "trace", "graph", "probe", "build", "verify", "install")
+STAGES = ("deepcopy", "find", "trace", "graph", "probe", "functional", "context", "build", "verify", "install",
+          "finalize")
 
 
 def header(title: str) -> None:
@@ -101,7 +104,7 @@ def instrumented(times: StageTimes):
         patches.append((mod, attr, original))
         setattr(mod, attr, times.wrap(stage, original))
 
-    # convert.py calls copy.deepcopy via its module global `copy`: give it a shim module so
+    # pipeline.py calls copy.deepcopy via its module global `copy`: give it a shim module so
     # deepcopy's own recursive calls (which go through the real copy module) are not wrapped.
     if hasattr(convert_mod, "copy"):
         shim = types.SimpleNamespace(**{k: getattr(copy, k) for k in dir(copy) if not k.startswith("__")})
@@ -114,9 +117,12 @@ def instrumented(times: StageTimes):
     patch(sites_mod, "trace", "trace")
     patch(sites_mod, "_annotate_with_graph", "graph")
     patch(sites_mod, "meta_forward", "probe")
+    patch(convert_mod, "functional_sites", "functional")
+    patch(convert_mod, "_contexts", "context")
     patch(convert_mod, "_build_all", "build")
     patch(convert_mod, "_verify", "verify")
     patch(convert_mod, "_install", "install")
+    patch(convert_mod, "_finalize", "finalize")
     try:
         yield times
     finally:

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normsurgeon  # noqa: E402
 from machine import add_threads_argument, apply_threads, cpu_model  # noqa: E402  (benchmarks/machine.py)
+from normsurgeon.surgery.pairing import activation_context  # noqa: E402
 from normsurgeon.surgery.registry import SiteInfo, get_target  # noqa: E402
 from normsurgeon.surgery.sources import match_source  # noqa: E402
 
@@ -122,10 +123,10 @@ def build_target(name: str, bn: nn.BatchNorm2d, shape: tuple[int, ...], channels
                  options: dict | None = None):
     """The converter's way: reader(source module) -> target.build(...).module; or (None, why)."""
     target = get_target(name)
-    if getattr(target, "needs_context", False) and getattr(target, "context", "activation") == "activation":
+    if target.context is activation_context:
         # Proxy Norm fuses the activation after the norm: start from a BN with a fused ReLU
         # (timm BatchNormAct2d), which brings its own φ, as a converted model would have.
-        # (Targets with a "shortcut" context, iebn, start from the plain BN; SiteInfo.context
+        # (Targets with a shortcut context, iebn, start from the plain BN; SiteInfo.context
         # None = not a shortcut norm.)
         import timm.layers as tl
         fused = tl.BatchNormAct2d(bn.num_features, act_layer=nn.ReLU)

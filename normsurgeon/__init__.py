@@ -13,7 +13,7 @@
     ns.export_onnx(folded, example, "model.onnx")        # dynamic batch; ns.deploy.export_program: torch.export
 """
 from .surgery import (ConversionError, ConversionReport, SkipSite, available_targets, convert, plan,
-                      register_source, register_target)
+                      register_source, register_target, unregister_target)
 from .diagnostics import DiagnosticsReport, diagnose
 from .deploy import export_onnx, fold
 from .domains import BNEnsemble, domain, set_domain
@@ -22,6 +22,6 @@ from .surgery.persist import load, save
 from .training import after_step, calibrate, finetune, needs_step_hooks, param_groups, recalibrate_bn
 
 __version__ = "0.1.0"
-__all__ = ["convert", "plan", "save", "load", "param_groups", "calibrate", "finetune", "recalibrate_bn", "after_step", "needs_step_hooks", "available_targets", "register_target",
+__all__ = ["convert", "plan", "save", "load", "param_groups", "calibrate", "finetune", "recalibrate_bn", "after_step", "needs_step_hooks", "available_targets", "register_target", "unregister_target",
            "register_source", "ConversionReport", "ConversionError", "SkipSite", "diagnose", "DiagnosticsReport",
            "domain", "set_domain", "BNEnsemble", "make_dp_ready", "fold", "export_onnx"]

@@ -24,7 +24,7 @@ from normsurgeon.privacy import grad_samplers  # noqa: E402
 C = 6
 LAYERS = {
     "gn+silu": lambda cl: layers.GroupNorm(C, 2, channels_last=cl, act=nn.SiLU(inplace=True)),
-    "ln": lambda cl: layers.LayerNorm(C, channels_last=cl),
+    "ln": lambda cl: layers.GroupNorm1(C, channels_last=cl),
     "in+relu": lambda cl: layers.InstanceNorm(C, channels_last=cl, act=nn.ReLU(inplace=True)),
     "pn+gelu": lambda cl: layers.PositionalNorm(C, channels_last=cl, act=nn.GELU()),
     "frozen_bn+hardswish": lambda cl: layers.FrozenBatchNorm(C, trainable_affine=True, channels_last=cl,
@@ -137,7 +137,7 @@ def test_ghost_clipping_norms_equal_the_loop(name):
 def test_hooks_use_normsurgeons_samplers_not_functorch():
     """Opacus dispatches on the exact type: each of our classes has its own registered rule."""
     registered = GradSampleModule.GRAD_SAMPLERS
-    for cls in (layers.GroupNorm, layers.LayerNorm, layers.InstanceNorm, layers.PositionalNorm,
+    for cls in (layers.GroupNorm, layers.GroupNorm1, layers.InstanceNorm, layers.PositionalNorm,
                 layers.FrozenBatchNorm, layers.ProxyNormAct):
         assert registered[cls].__module__ == grad_samplers.__name__
 

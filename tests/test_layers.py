@@ -114,7 +114,7 @@ def test_group_norm_matches_formula(groups):
 
 def test_layer_norm_is_over_channels_and_positions_per_sample():
     def make(cl):
-        return with_params(layers.LayerNorm(C, channels_last=cl))
+        return with_params(layers.GroupNorm1(C, channels_last=cl))
     first, last = run_both_layouts(make, X)
     expected = affine(np_norm(XN, (1, 2, 3), 1e-5), *np_params(make(False)))
     np.testing.assert_allclose(first, expected, atol=1e-5)
@@ -140,7 +140,7 @@ def test_positional_norm_is_over_channels_at_each_position():
 
 
 def test_batch_independent_layers_do_not_mix_samples():
-    for layer in (layers.GroupNorm(C, 3), layers.LayerNorm(C), layers.InstanceNorm(C),
+    for layer in (layers.GroupNorm(C, 3), layers.GroupNorm1(C), layers.InstanceNorm(C),
                   layers.PositionalNorm(C), layers.FrozenBatchNorm(C)):
         whole = layer.train()(X)
         alone = torch.cat([layer(X[i:i + 1]) for i in range(len(X))])
@@ -172,7 +172,7 @@ def test_degenerate_statistics_are_clear_errors():
 
 
 def test_gradients_flow_through_every_layer():
-    for layer in (layers.BatchNorm(C), layers.GroupNorm(C, 2), layers.LayerNorm(C),
+    for layer in (layers.BatchNorm(C), layers.GroupNorm(C, 2), layers.GroupNorm1(C),
                   layers.InstanceNorm(C), layers.PositionalNorm(C),
                   layers.FrozenBatchNorm(C, trainable_affine=True)):
         x = X.clone().requires_grad_()

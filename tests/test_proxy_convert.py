@@ -134,7 +134,7 @@ def test_every_activation_form_is_fused_once(to):
         model.prelu.weight.copy_(torch.linspace(0.05, 0.5, 8))
     new = ns.convert(model, to=to, **({"num_groups": 4} if to == "proxy_gn" else {}))
     rows = {r.name: r for r in new.normsurgeon_report.rows}
-    assert [rows[f"bns.{i}"].new_type for i in range(9)] == ["ProxyNormAct"] * 8 + ["GroupNorm" if to == "proxy_gn" else "LayerNorm"]
+    assert [rows[f"bns.{i}"].new_type for i in range(9)] == ["ProxyNormAct"] * 8 + ["GroupNorm" if to == "proxy_gn" else "GroupNorm1"]
     assert "feeds add()" in rows["bns.8"].notes[0]
     assert type(new.gelu) is nn.Identity and type(new.shared) is nn.ReLU  # dedicated swapped, shared kept
     randomize_proxy(new)

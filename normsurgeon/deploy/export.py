@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..domains.routing import domain_layers
-from ..model_state import restore_training_flags, training_flags
+from ..model_state import preserved
 from .affine import batch_norms_in_training
 
 DEFAULT_OPSET = 18
@@ -94,10 +94,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
         torch.onnx.export(model, (example,), path, dynamo=True, opset_version=opset, external_data=False,
                           dynamic_shapes=_batch_dim() if dynamic_batch else None, verbose=False, **names)
         return path
-    flags = training_flags(model)
-    try:
+    with preserved(model):
         axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
         torch.onnx.export(model, (example,), path, dynamo=False, opset_version=opset, dynamic_axes=axes, **names)
-    finally:
-        restore_training_flags(flags)
     return path

@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize
 from .. import layers
 from ..domains.routing import domain_layers, domains_of
 from ..layers.cross_iteration_bn import _ConvTap
-from ..model_state import restore_training_flags, training_flags
+from ..model_state import preserved
 from ..surgery.probe import default_input_size, meta_forward
 from ..surgery.sites import Site, find_sites
 from ..surgery.tracing import trace
@@ -112,11 +112,8 @@ def fold(model: nn.Module, *, domain=None, input_size: tuple[int, ...] | None = 
     """
     _check_input(model, domain)
     work = copy.deepcopy(model)
-    flags = training_flags(work)
-    try:
+    with preserved(work):
         graph = _Graph(work, input_size)
-    finally:
-        restore_training_flags(flags)
     report = FoldReport()
     folded_cbn: list[nn.Module] = []
     with torch.no_grad():
@@ -187,11 +184,8 @@ class _Graph:
             watch = {n: s.module for s in find_sites(self.model) for n in s.names}
             size = tuple(self.input_size) if self.input_size else default_input_size(self.model)
             dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
-            flags = training_flags(self.model)
-            try:
+            with preserved(self.model):
                 probe = meta_forward(self.model, torch.zeros((2,) + size, dtype=dtype), watch, train=False)
-            finally:
-                restore_training_flags(flags)
             self._probe_error = probe.error
             self._ndims = {n: {len(io[0]) for io in shapes} for n, shapes in probe.shapes.items()}
         ranks = set().union(*(self._ndims.get(n, set()) for n in names))

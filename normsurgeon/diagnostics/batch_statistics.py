@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .accumulators import chan_merge
+from ..model_state import preserved
 from ..surgery.sites import find_sites
 from .hooks import attach_preactivation_hooks
 
@@ -62,15 +63,6 @@ def _check_batch_size(b, n: int) -> int:
     if b > n:
         raise ValueError(f"batch size {b} needs at least {b} samples, but data has only {n}")
     return b
-
-
-def _training_flags(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for m in model.modules()]
-
-
-def _restore_training(flags: list[tuple[nn.Module, bool]]) -> None:
-    for m, flag in flags:
-        m.training = flag
 
 
 class _BatchAccumulator:
@@ -209,11 +201,10 @@ def batch_statistics(model, data: torch.Tensor, batch_sizes: list[int], populati
         current[name].update(y)
 
     results: dict[tuple[str, int], dict] = {}
-    flags = _training_flags(model)
     handles = attach_preactivation_hooks(model, on_preactivation)
     try:
-        model.eval()
-        with torch.no_grad():
+        with preserved(model), torch.no_grad():
+            model.eval()
             for b in sizes:
                 current.clear()
                 for idx in _draw_batches(n, b, max_batches, generator):
@@ -223,28 +214,7 @@ def batch_statistics(model, data: torch.Tensor, batch_sizes: list[int], populati
     finally:
         for h in handles:
             h.remove()
-        _restore_training(flags)
     return [results[(name, b)] for name in order for b in sizes if (name, b) in results]
-
-
-def _snapshot_buffers(model: nn.Module) -> list[tuple[nn.Module, dict]]:
-    return [(m, {k: (None if v is None else v.detach().clone()) for k, v in m._buffers.items()})
-            for m in model.modules()]
-
-
-def _restore_buffers(snapshot: list[tuple[nn.Module, dict]]) -> None:
-    with torch.no_grad():
-        for m, saved in snapshot:
-            for k in list(m._buffers):
-                if k not in saved:
-                    del m._buffers[k]
-            for k, v in saved.items():
-                cur = m._buffers.get(k)
-                if (v is not None and isinstance(cur, torch.Tensor) and cur.shape == v.shape
-                        and cur.dtype == v.dtype and cur.device == v.device):
-                    cur.copy_(v)  # keep the tensor's identity (optimizers, aliases)
-                else:
-                    m._buffers[k] = v
 
 
 def _is_stochastic_regularizer(m: nn.Module) -> bool:
@@ -273,12 +243,10 @@ def train_eval_gap(model: nn.Module, data: torch.Tensor, batch_size: int) -> dic
         outputs.setdefault((sink["mode"], name), []).append(y.detach().to(torch.float64).clone())
 
     sites = find_sites(model)
-    flags = _training_flags(model)
-    snapshot = _snapshot_buffers(model)
     order: list[str] = []
     handles = attach_preactivation_hooks(model, on_preactivation)
     try:
-        with torch.no_grad():
+        with preserved(model, buffers=True), torch.no_grad():
             model.eval()
             sink["mode"] = "eval"
             model(x)
@@ -292,8 +260,6 @@ def train_eval_gap(model: nn.Module, data: torch.Tensor, batch_size: int) -> dic
     finally:
         for h in handles:
             h.remove()
-        _restore_buffers(snapshot)
-        _restore_training(flags)
     for mode, name in outputs:
         if mode == "eval" and name not in order:
             order.append(name)

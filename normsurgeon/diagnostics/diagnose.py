@@ -15,6 +15,7 @@ batch statistics (a ``_BatchNorm`` or anything with a ``running_mean``).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import warnings
@@ -24,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..model_state import device_of, restore_training_flags, training_flags
+from ..model_state import device_of, preserved
 from ..progress import Progress
 from ..surgery.sites import find_sites
 from .recorder import LayerStatistics, Recorder
@@ -62,21 +63,11 @@ def _as_tensor(data) -> torch.Tensor:
     return x
 
 
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
-            if isinstance(v, torch.Tensor)}
-
-
-def _restore_if_changed(model: nn.Module, snap: dict[str, torch.Tensor], what: str) -> None:
-    state = model.state_dict(keep_vars=True)
-    changed = [k for k, v in snap.items()
-               if k in state and (state[k].shape != v.shape or not torch.equal(state[k].detach(), v))]
-    if changed:
-        with torch.no_grad():
-            for k in changed:
-                state[k].data = snap[k].clone()  # shape may have changed too: replace the data
+def _warn_restored(what: str):
+    def warn(changed: list[str]) -> None:
         warnings.warn(f"diagnose: {len(changed)} tensors of the {what} were modified during diagnostics "
-                      f"(e.g. {changed[0]!r}) and have been restored", RuntimeWarning, stacklevel=3)
+                      f"(e.g. {changed[0]!r}) and have been restored", RuntimeWarning, stacklevel=5)
+    return warn
 
 
 def _record(model: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[list[LayerStatistics], dict[str, int]]:
@@ -233,8 +224,9 @@ def diagnose(model: nn.Module, data, *, batch_sizes: Sequence[int] | None = None
 
     notes: list[str] = []
     models = [model] + ([reference] if reference is not None and reference is not model else [])
-    flags = [training_flags(m) for m in models]
-    snaps = [_snapshot(m) for m in models]
+    restore = contextlib.ExitStack()
+    for m, what in zip(models, ("model", "reference")):  # flags and every tensor come back, with a warning
+        restore.enter_context(preserved(m, buffers=True, parameters=True, on_restore=_warn_restored(what)))
     bar = Progress("diagnose: forward passes", total=_forward_count(n, batch_size, len(models), batch_sizes,
                                                                      max_batches), unit="batch", enabled=progress)
     hooks = [m.register_forward_hook(lambda *_: bar.update()) for m in models]  # counts every forward pass
@@ -259,10 +251,7 @@ def diagnose(model: nn.Module, data, *, batch_sizes: Sequence[int] | None = None
         for h in hooks:
             h.remove()
         bar.close()
-        for m, f in zip(models, flags):
-            restore_training_flags(f)
-        for m, snap, what in zip(models, snaps, ("model", "reference")):
-            _restore_if_changed(m, snap, what)
+        restore.close()
 
     recipes = getattr(model, "normsurgeon_recipes", None) or []
     cfg = getattr(model, "pretrained_cfg", None)

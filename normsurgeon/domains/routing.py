@@ -86,3 +86,11 @@ def domain(model: nn.Module, d):
     finally:
         for layer, route in zip(layers, previous):
             layer.route = route
+
+
+def router(model: nn.Module):
+    """``route(d)``: a context routing ``model``'s domain-specific BNs to domain ``d`` for a batch
+    (a no-op when ``d`` is None or the model has no dsbn layer), for loops over (x, y, domain)."""
+    if not domain_layers(model):
+        return lambda d: contextlib.nullcontext()
+    return lambda d: domain(model, d) if d is not None else contextlib.nullcontext()

@@ -5,11 +5,11 @@ from .batch_norm import BatchNorm, FrozenBatchNorm
 from .domain_batch_norm import DomainSpecificBatchNorm
 from .cross_iteration_bn import CrossIterationBatchNorm
 from .memorized_bn import MemorizedBatchNorm
-from .group_norm import GroupNorm, LayerNorm
+from .group_norm import GroupNorm, GroupNorm1
 from .instance_norm import InstanceNorm
 from .positional_norm import PositionalNorm
 from .proxy_norm import ProxyNormAct
 
 __all__ = ["BatchGroupNorm", "InstanceEnhancementBatchNorm", "BatchNorm", "FrozenBatchNorm", "DomainSpecificBatchNorm",
-           "GroupNorm", "LayerNorm", "InstanceNorm", "PositionalNorm", "ProxyNormAct", "CrossIterationBatchNorm",
+           "GroupNorm", "GroupNorm1", "InstanceNorm", "PositionalNorm", "ProxyNormAct", "CrossIterationBatchNorm",
            "MemorizedBatchNorm"]

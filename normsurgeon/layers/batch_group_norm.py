@@ -25,38 +25,8 @@ from torch.nn import functional as F
 from .base import FusedActLayout, elements_per_channel
 from ._group_statistics import BatchGroupNormFunction, InstanceEnhancementFunction
 from .batch_norm import PendingStatistics
-
-
-def _running_factor(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> float:
-    """``_BatchNorm.forward``'s update factor for this call on input ``x``; counts a training batch.
-
-    EMA factor ``momentum``, or 1/num_batches_tracked (cumulative average) when momentum is None;
-    1 on the first training batch of a layer with ``statistics_pending``. On meta tensors (shape
-    checks) no value exists: the cumulative factor is not read and a pending flag stays set.
-    """
-    factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
-        module.num_batches_tracked.add_(1)
-        if module.momentum is None and x.device.type != "meta":
-            factor = 1.0 / float(module.num_batches_tracked)
-    if isinstance(module, PendingStatistics) and module._take_pending(x):
-        factor = 1.0
-    return factor
-
-
-def _uses_batch_statistics(module: nn.modules.batchnorm._BatchNorm) -> bool:
-    return module.training or (module.running_mean is None and module.running_var is None)
-
-
-def _update_running(module: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
-                    count: int, factor: float) -> None:
-    """BatchNorm's update in training (nothing otherwise): running ← (1 − f)·running + f·batch,
-    with the variance made unbiased, σ²·M/(M − 1), M = ``count`` values per statistic."""
-    if not (module.training and module.track_running_stats):
-        return
-    with torch.no_grad():
-        module.running_mean.mul_(1.0 - factor).add_(mean, alpha=factor)
-        module.running_var.mul_(1.0 - factor).add_(var, alpha=factor * count / (count - 1))
+from .running_statistics import (batch_norm_without_affine, require_two_values, running_factor, update_running,
+                                 uses_batch_statistics)
 
 
 def _fused_dtype_ok(module: nn.Module, x: torch.Tensor) -> bool:
@@ -66,22 +36,6 @@ def _fused_dtype_ok(module: nn.Module, x: torch.Tensor) -> bool:
     return x.dtype in (torch.float32, torch.float64) and all(
         t.dtype == x.dtype for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))
         if t.is_floating_point())
-
-
-def batch_norm_without_affine(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """``_BatchNorm.forward``'s statistics logic on (N, K, *) with K = len(running_mean), no affine."""
-    factor = _running_factor(module, x)
-    track = not module.training or module.track_running_stats
-    return F.batch_norm(x, module.running_mean if track else None, module.running_var if track else None,
-                        None, None, _uses_batch_statistics(module), factor, module.eps)
-
-
-def _needs_two(module, x: torch.Tensor, per_statistic: int) -> None:
-    if (module.training or not module.track_running_stats) and per_statistic < 2:
-        raise ValueError(
-            f"{module._where()} needs batch statistics but got one value per statistic (input shape "
-            f"{tuple(x.shape)}): use a batch of 2 or more, call model.eval(), or convert this layer "
-            f"to a batch-independent target ('frozen_bn', 'gn', 'ln').")
 
 
 class BatchGroupNorm(PendingStatistics, FusedActLayout, nn.modules.batchnorm._BatchNorm):
@@ -116,18 +70,18 @@ class BatchGroupNorm(PendingStatistics, FusedActLayout, nn.modules.batchnorm._Ba
         self._check_input_dim(x)
         n, c, g = x.shape[0], self.num_channels, self.num_groups
         count = n * c // g * elements_per_channel(x)  # M: values per group statistic
-        _needs_two(self, x, count)
+        require_two_values(self, x, count)
         if not _fused_dtype_ok(self, x):
             return self._normalize_unfused(x)
-        if not _uses_batch_statistics(self):
+        if not uses_batch_statistics(self):
             # Running statistics: plain BatchNorm with each group's statistics repeated over
             # its C/G channels, affine folded in by the native kernel (one pass).
             return F.batch_norm(x, self.running_mean.repeat_interleave(c // g),
                                 self.running_var.repeat_interleave(c // g),
                                 self.weight, self.bias, False, 0.0, self.eps)
-        factor = _running_factor(self, x)
+        factor = running_factor(self, x)
         y, mean, var = BatchGroupNormFunction.apply(x, self.weight, self.bias, g, self.eps)
-        _update_running(self, mean, var, count, factor)
+        update_running(self, mean, var, count, factor)
         return y
 
     def _normalize_unfused(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,10 +119,10 @@ class InstanceEnhancementBatchNorm(PendingStatistics, FusedActLayout, nn.modules
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         count = x.shape[0] * elements_per_channel(x)  # M: values per channel statistic
-        _needs_two(self, x, count)
+        require_two_values(self, x, count)
         if not _fused_dtype_ok(self, x):
             return self._normalize_unfused(x)
-        if not _uses_batch_statistics(self):
+        if not uses_batch_statistics(self):
             # Running statistics: y = K·x + L, K = γ·a·r, L = β − μ·K per (n, c), r = 1/sqrt(σ² + eps).
             view = x.shape[:2] + (1,) * (x.ndim - 2)
             context = x.mean(dim=tuple(range(2, x.ndim)))  # (N, C)
@@ -176,10 +130,10 @@ class InstanceEnhancementBatchNorm(PendingStatistics, FusedActLayout, nn.modules
             k = self.weight * gate * torch.rsqrt(self.running_var + self.eps)
             shift = self.bias - self.running_mean * k
             return torch.addcmul(shift.view(view), x, k.view(view))
-        factor = _running_factor(self, x)
+        factor = running_factor(self, x)
         y, mean, var = InstanceEnhancementFunction.apply(
             x, self.weight, self.bias, self.attention_weight, self.attention_bias, self.eps)
-        _update_running(self, mean, var, count, factor)
+        update_running(self, mean, var, count, factor)
         return y
 
     def _normalize_unfused(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ from torch import nn
 
 from ._conv_statistics import conv_statistics
 from ._stateful import StepHookClient
-from .batch_group_norm import _needs_two, _running_factor, _update_running
+from .running_statistics import require_two_values, running_factor, update_running
 from .batch_norm import BatchNorm
 
 
@@ -264,7 +264,7 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         if x.ndim != 4:
             raise ValueError(f"{self._where()} expects the (N, C, H, W) output of a Conv2d, got {tuple(x.shape)}")
         count = x.shape[0] * x.shape[2] * x.shape[3]
-        _needs_two(self, x, count)
+        require_two_values(self, x, count)
         conv = conv_input = None
         if tap is not None and tap[2] is x:
             conv, conv_input = tap[0], tap[1]
@@ -288,8 +288,8 @@ class CrossIterationBatchNorm(StepHookClient, BatchNorm):
         n = valid.sum() + 1  # the current batch and the valid past entries, a tensor: no guard on it
         out, mean_t, var_t, centered = _WindowNorm.apply(work, weight, bias, past_mean, past_var, valid, n, self.eps)
         out = out.to(x.dtype)
-        factor = _running_factor(self, x)
-        _update_running(self, mean_t, var_t, count, factor)
+        factor = running_factor(self, x)
+        update_running(self, mean_t, var_t, count, factor)
         if push:
             self._push(conv, conv_input, centered, mean_t, var_t)
         return out

@@ -1,9 +1,9 @@
-"""GroupNorm and its one-group case, LayerNorm over (C, *positions), in either layout.
+"""GroupNorm and its one-group case ``GroupNorm1`` (the "LN" of the GN papers), in either layout.
 
 ``GroupNorm``: channels split into G contiguous groups; per sample n and group g,
     y = γ_c (x − μ_{n,g}) / sqrt(σ²_{n,g} + eps) + β_c,
 with μ, σ² (biased) over the C/G channels of the group and all positions. Batch-independent,
-train = eval. ``LayerNorm`` here is GroupNorm with G = 1: statistics over (C, *positions) per
+train = eval. ``GroupNorm1`` is GroupNorm with G = 1 (target ``ln``; timm names it the same): statistics over (C, *positions) per
 sample with a per-channel affine (the "LN" of the GN and Proxy Norm papers). A transformer's
 ``nn.LayerNorm(C)`` on tokens normalizes each position over C: that is ``PositionalNorm``.
 """
@@ -43,8 +43,8 @@ class GroupNorm(FusedActLayout, nn.GroupNorm):
         return super().extra_repr() + self._layout_repr()
 
 
-class LayerNorm(GroupNorm):
-    """LayerNorm over (C, *positions) per sample with a per-channel affine (GroupNorm, G = 1)."""
+class GroupNorm1(GroupNorm):
+    """GroupNorm with one group: "LayerNorm" over (C, *positions) per sample with a per-channel affine (GroupNorm, G = 1)."""
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
                  channels_last: bool = False, act: nn.Module | None = None,

@@ -50,7 +50,7 @@ from torch.nn import functional as F
 
 from ._stateful import StepHookClient
 from .base import elements_per_channel
-from .batch_group_norm import _needs_two
+from .running_statistics import require_two_values
 from .batch_norm import BatchNorm
 
 
@@ -196,7 +196,7 @@ class MemorizedBatchNorm(StepHookClient, BatchNorm):
         if not self.training:
             return super()._normalize(x)  # BatchNorm on running stats = the pooled memory
         self._check_input_dim(x)
-        _needs_two(self, x, x.shape[0] * elements_per_channel(x))
+        require_two_values(self, x, x.shape[0] * elements_per_channel(x))
         dims = (0,) + tuple(range(2, x.ndim))
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         if self.refreshing:

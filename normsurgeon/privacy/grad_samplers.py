@@ -81,7 +81,7 @@ def _affine_grad_sample(layer: nn.Module, x_hat: torch.Tensor, g: torch.Tensor) 
     return found
 
 
-@register_grad_sampler([layers.GroupNorm, layers.LayerNorm])
+@register_grad_sampler([layers.GroupNorm, layers.GroupNorm1])
 def compute_group_norm_grad_sample(layer, activations, backprops) -> dict:
     x = _channels_first(layer, activations[0])
     return _affine_grad_sample(layer, F.group_norm(x, layer.num_groups, eps=layer.eps), backprops)

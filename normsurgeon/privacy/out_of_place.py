@@ -28,9 +28,8 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from ..model_state import restore_training_flags, training_flags
+from ..model_state import preserved
 from ..surgery import forward_rewrite
-from ..surgery.pairing import _why_not_rewritable
 from ..surgery.probe import on_meta
 from ..surgery.tracing import failure_location, trace
 from .dp_ready import NotDPReady
@@ -95,15 +94,11 @@ def _rewrite(owner: nn.Module, where: str) -> None:
             raise InplaceOpError(f"{where}: its rewritten forward has an in-place op normsurgeon "
                                  f"cannot replace")
     else:
-        why = _why_not_rewritable(owner)
+        why = forward_rewrite.why_not_rewritable(owner)
         if why:
             why = why.replace("its parent's ", "its ")
             raise InplaceOpError(f"{where}: cannot rewrite it, {why}")
-        flags = training_flags(owner)
-        try:
-            traced = {mode: trace(owner, train=mode) for mode in (True, False)}
-        finally:
-            restore_training_flags(flags)
+        traced = {mode: trace(owner, train=mode) for mode in (True, False)}  # (trace keeps every flag)
         failed = next((t for t in traced.values() if not t.ok), None)
         if failed is not None:
             raise InplaceOpError(f"{where}: its forward cannot be traced ({failed.error})")
@@ -125,10 +120,9 @@ def _probe(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module | None, s
     A model that cannot run on meta tensors gives (None, why)."""
     hooked = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     handles = [m.register_full_backward_hook(lambda *_: None) for m in hooked]
-    flags = training_flags(model)
-    model.train()
     try:
-        with torch.enable_grad(), on_meta(model):
+        with preserved(model), torch.enable_grad(), on_meta(model):
+            model.train()
             model(example.to("meta"))
         return None, None
     except Exception as exc:  # noqa: BLE001  (reported to the caller)
@@ -139,7 +133,6 @@ def _probe(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module | None, s
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return None, f"{type(exc).__name__}: {first} at {failure_location(exc)}"
     finally:
-        restore_training_flags(flags)
         for h in handles:
             h.remove()
 

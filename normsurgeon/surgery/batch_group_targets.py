@@ -21,6 +21,7 @@ import torch
 
 from .. import layers
 from .registry import SiteInfo, SkipSite, register_target
+from .shortcuts import shortcut_context
 from .sources import SourceNorm
 from .standard_targets import build_bn
 from .transfer import Transfer, group_statistics
@@ -125,6 +126,6 @@ register_target("bgn", build_bgn, batch_dependent=True,
                 options=("num_groups", "group_size", "batch_size", "elements_per_statistic", "momentum"),
                 summary="Batch Group Norm: batch statistics over groups of C/G channels; num_groups=G "
                         "or 'auto' with batch_size=")
-register_target("iebn", build_iebn, batch_dependent=True, needs_context=True, context="shortcut",
+register_target("iebn", build_iebn, batch_dependent=True, context=shortcut_context,
                 options=("init", "shortcut", "momentum"),
                 summary="Instance-Enhancement BN: γ gated by sigmoid(w·GAP(x) + b); shortcut norms stay BN")

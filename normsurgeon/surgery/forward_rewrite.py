@@ -11,6 +11,7 @@ and every state_dict key are unchanged. Deep copies work; pickling the module do
 from __future__ import annotations
 
 import copy
+import inspect
 
 from torch import fx, nn
 
@@ -54,3 +55,13 @@ def install(owner: nn.Module, train_graph: fx.Graph, eval_graph: fx.Graph) -> No
 def uninstall(owner: nn.Module) -> None:
     """Back to the class's forward."""
     owner.__dict__.pop("forward", None)
+
+
+def why_not_rewritable(owner: nn.Module) -> str | None:
+    """A forward with more than one argument may be called with values FX did not trace with
+    (``shortcut=None`` traced as a tensor placeholder bakes in the wrong branch)."""
+    params = list(inspect.signature(owner.forward).parameters.values())
+    if len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        names = ", ".join(p.name for p in params)
+        return f"its parent's forward({names}) takes more than one input, which FX cannot trace faithfully"
+    return None

@@ -1,10 +1,13 @@
 """Pairing each norm with the elementwise activation that consumes its output (for PN-Act).
 
-Per owner module (the parent of the norm, whose forward calls it), the owner's forward is
-traced alone, in train and in eval mode. A norm pairs with an activation when its output,
-after any ``nn.Identity`` modules, has exactly one consumer and that consumer is an
-elementwise activation (``activations.py``), the same in both modes. How the activation is
-then taken out of the data path ("removal"):
+The owner of a norm is its parent, whose forward calls it. A norm pairs with an activation when
+its output, after any ``nn.Identity`` modules, has exactly one consumer, that consumer is an
+elementwise activation (``activations.py``) called in the owner's forward, and it is the same
+in train and eval mode. The search reads the whole-model graphs of the conversion's shared
+``GraphContext`` (no extra trace for the common case); an owner is traced alone, in both modes,
+only when its graph is needed: its forward must be rewritten, or the norm is not in the
+whole-model graph (inside a module FX could not trace). How the activation is then taken out of
+the data path ("removal"):
   swap     the activation module is used at this call site only: it becomes ``nn.Identity``
   rewrite  a shared module, a function or the swish pattern: the owner's forward is rewritten
            (``forward_rewrite.py``) with that call site's activation nodes removed
@@ -12,7 +15,6 @@ Anything else (an add, several consumers, a non-elementwise op) is not paired, w
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 from torch import fx, nn
@@ -56,27 +58,40 @@ def _describe(node: fx.Node) -> str:
     return node.op
 
 
-def _find(graph: fx.Graph, modules: dict[str, nn.Module], local_name: str) -> _Found:
-    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == local_name]
+def _in_scope(node: fx.Node, owner: str | None) -> bool:
+    """Whether ``node`` runs in ``owner``'s forward (or below it); any node when ``owner`` is None
+    (the graph is the owner's own)."""
+    if owner is None or owner == "":
+        return node.op != "output" or owner is None
+    return any(path == owner for path, _ in (node.meta.get("nn_module_stack") or {}).values())
+
+
+def _find(graph: fx.Graph, modules: dict[str, nn.Module], name: str, owner: str | None = None) -> _Found:
+    """The activation after the norm called as ``name`` in ``graph``: the owner's own graph
+    (``owner`` None), or the whole model's, read within ``owner``'s forward."""
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
     if len(calls) != 1:
         return _Found(None, reason=f"called {len(calls)} times in its parent's forward")
     out = calls[0]
     while len(out.users) == 1:
         (user,) = out.users
-        if user.op == "call_module" and type(modules.get(user.target)) is nn.Identity:
+        if user.op == "call_module" and type(modules.get(user.target)) is nn.Identity and _in_scope(user, owner):
             out = user
         else:
             break
     users = list(out.users)
-    if len(users) == 1:
+    outside = [u for u in users if not _in_scope(u, owner)]
+    if len(users) == 1 and not outside:
         act = activation_of(users[0], modules, out)
         if act is not None:
             return _Found(act, [users[0]], out)
     swish = swish_pattern(out)
-    if swish is not None:
+    if swish is not None and all(_in_scope(n, owner) for n in swish[1]):
         return _Found(swish[0], swish[1], out)
     if not users:
         return _Found(None, reason="its output is not used in its parent's forward")
+    if outside and len(users) == 1:
+        return _Found(None, reason="it is the output of its parent's forward (what follows is not visible there)")
     if len(users) > 1:
         return _Found(None, reason=f"its output has {len(users)} consumers "
                                    f"({', '.join(_describe(u) for u in users)})")
@@ -95,26 +110,42 @@ def _owner_of(model: nn.Module, name: str) -> tuple[str, str]:
     return parent, child
 
 
-def _why_not_rewritable(owner: nn.Module) -> str | None:
-    """A forward with more than one argument may be called with values FX did not trace with
-    (``shortcut=None`` traced as a tensor placeholder bakes in the wrong branch)."""
-    params = list(inspect.signature(owner.forward).parameters.values())
-    if len(params) != 1 or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
-        names = ", ".join(p.name for p in params)
-        return f"its parent's forward({names}) takes more than one input, which FX cannot trace faithfully"
-    return None
+def activation_context(graphs) -> dict:
+    """A target's ``context``: site name → ``Pairing`` (``graphs``: the conversion's ``GraphContext``)."""
+    return pairings_and_plans(graphs)[0]
 
 
-def find_pairings(model: nn.Module, site_names: list[str]) -> tuple[dict[str, Pairing], dict]:
-    """Pairings for ``site_names`` (qualnames of norm modules) and the per-owner edit plans."""
-    by_owner: dict[str, list[str]] = {}
-    for name in site_names:
-        by_owner.setdefault(_owner_of(model, name)[0], []).append(name)
+def pairings_and_plans(graphs) -> tuple[dict, dict]:
+    """(pairings, per-owner rewrite plans) for the readable sites, computed once per conversion."""
+    return graphs.cached("pairings", lambda: find_pairings(graphs.model, graphs.site_names, graphs))
+
+
+def find_pairings(model: nn.Module, site_names: list[str], graphs=None) -> tuple[dict[str, Pairing], dict]:
+    """Pairings for ``site_names`` (qualnames of norm modules) and the per-owner edit plans.
+
+    With ``graphs`` (a ``GraphContext``) the whole-model graphs are read first and an owner is
+    traced only when its own graph is needed; without, every owner is traced in both modes."""
     registrations: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         registrations[id(m)] = registrations.get(id(m), 0) + 1
+    pairings: dict[str, Pairing] = {}
+    by_owner: dict[str, list[str]] = {}
+    whole = {mode: graphs.graph(train=mode) for mode in (True, False)} if graphs is not None else {}
+    for name in site_names:
+        owner_name = _owner_of(model, name)[0]
+        if whole and all(g is not None for g in whole.values()):
+            found = {mode: _find(g, graphs.modules, name, owner_name) for mode, g in whole.items()}
+            pairing = _pairing(found, whole[True], graphs.modules, owner_name, name, registrations, relative=True)
+            if pairing is not None and pairing.removal != "rewrite":
+                pairings[name] = pairing
+                continue
+            reason = found[True].reason or found[False].reason
+            if pairing is None and not reason.startswith("called 0 times"):  # (0: inside an untraceable module)
+                pairings[name] = Pairing(reason=reason, owner=owner_name)
+                continue
+        by_owner.setdefault(owner_name, []).append(name)
 
-    pairings, plans = {}, {}
+    plans = {}
     for owner_name, names in by_owner.items():
         owner = model.get_submodule(owner_name)
         traced = {mode: trace(owner, train=mode) for mode in (True, False)}
@@ -125,44 +156,49 @@ def find_pairings(model: nn.Module, site_names: list[str]) -> tuple[dict[str, Pa
                                                 f"cannot be traced ({failed.error})", owner=owner_name)
             continue
         modules = dict(owner.named_modules())
-        found = {mode: {n: _find(t.graph, modules, _owner_of(model, n)[1]) for n in names}
-                 for mode, t in traced.items()}
         rewrite = {}
         for name in names:
-            train, evaluation = found[True][name], found[False][name]
-            if train.activation is None or evaluation.activation is None:
-                pairings[name] = Pairing(reason=train.reason or evaluation.reason, owner=owner_name)
+            found = {mode: _find(t.graph, modules, _owner_of(model, name)[1]) for mode, t in traced.items()}
+            pairing = _pairing(found, traced[True].graph, modules, owner_name, name, registrations)
+            if pairing is None:
+                pairings[name] = Pairing(reason=found[True].reason or found[False].reason, owner=owner_name)
                 continue
-            if type(train.activation) is not type(evaluation.activation):
-                pairings[name] = Pairing(reason="train and eval graphs apply different activations",
-                                         owner=owner_name)
-                continue
-            node = train.nodes[0]
-            prefix = f"{owner_name}." if owner_name else ""
-            if node.op == "call_module":
-                module = modules[node.target]
-                calls = sum(1 for n in traced[True].graph.nodes if n.op == "call_module" and n.target == node.target)
-                shared = calls > 1 or registrations.get(id(module), 0) > 1
-                removal = "rewrite" if shared else "swap"
-                what = (f"its parent's shared module '{node.target}' (parent forward rewritten)" if shared
-                        else f"module '{node.target}' of its parent (now Identity)")
-                pairings[name] = Pairing(train.activation, owner=owner_name, removal=removal,
-                                         act_name=prefix + node.target, describe=what)
-            else:
-                kind = "swish pattern x*sigmoid(x)" if len(train.nodes) == 2 else _describe(node)
-                pairings[name] = Pairing(train.activation, owner=owner_name, removal="rewrite",
-                                         describe=f"{kind} in its parent's forward (rewritten)")
-            if pairings[name].removal == "rewrite":
-                why_not = _why_not_rewritable(owner)
+            pairings[name] = pairing
+            if pairing.removal == "rewrite":
+                why_not = forward_rewrite.why_not_rewritable(owner)
                 if why_not:
                     pairings[name] = Pairing(reason=f"removing its activation needs a forward rewrite, "
                                                     f"but {why_not}", owner=owner_name)
                     continue
-                rewrite[name] = (train, evaluation)
+                rewrite[name] = found
         if rewrite:
-            plans[owner_name] = {"graphs": {m: t.graph for m, t in traced.items()},
-                                 "sites": {n: {True: r[0], False: r[1]} for n, r in rewrite.items()}}
+            plans[owner_name] = {"graphs": {m: t.graph for m, t in traced.items()}, "sites": rewrite}
     return pairings, plans
+
+
+def _pairing(found: dict, train_graph: fx.Graph, modules: dict[str, nn.Module], owner_name: str, name: str,
+             registrations: dict[int, int], relative: bool = False) -> Pairing | None:
+    """The Pairing for one site from what was found in each mode; None when there is none (the
+    reason is in ``found``). ``relative``: node targets are whole-model qualnames."""
+    train, evaluation = found[True], found[False]
+    if train.activation is None or evaluation.activation is None:
+        return None
+    if type(train.activation) is not type(evaluation.activation):
+        return Pairing(reason="train and eval graphs apply different activations", owner=owner_name)
+    node = train.nodes[0]
+    prefix = f"{owner_name}." if owner_name else ""
+    if node.op == "call_module":
+        module = modules[node.target]
+        local = node.target[len(prefix):] if relative else node.target
+        calls = sum(1 for n in train_graph.nodes if n.op == "call_module" and n.target == node.target)
+        shared = calls > 1 or registrations.get(id(module), 0) > 1 or (relative and not node.target.startswith(prefix))
+        what = (f"its parent's shared module '{local}' (parent forward rewritten)" if shared
+                else f"module '{local}' of its parent (now Identity)")
+        return Pairing(train.activation, owner=owner_name, removal="rewrite" if shared else "swap",
+                       act_name=prefix + local, describe=what)
+    kind = "swish pattern x*sigmoid(x)" if len(train.nodes) == 2 else _describe(node)
+    return Pairing(train.activation, owner=owner_name, removal="rewrite",
+                   describe=f"{kind} in its parent's forward (rewritten)")
 
 
 def apply_plan(owner: nn.Module, plan: dict, keep: set[str]) -> None:

@@ -64,7 +64,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, base_model: nn.Module, map_location="cpu") -> nn.Module:
     """Rebuild the converted model from ``base_model`` (same architecture, any weights) and load it."""
-    from .convert import convert
+    from .pipeline import convert
 
     blob = read_checked(path, "normsurgeon checkpoint", map_location)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:

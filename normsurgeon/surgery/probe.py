@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..model_state import restore_training_flags, training_flags
+from ..model_state import preserved
 from .tracing import failure_location
 
 
@@ -101,15 +101,13 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
 
     for module in {id(m): m for m in watch.values()}.values():
         handles.append(module.register_forward_hook(record))
-    flags = training_flags(model)  # every module's own flag comes back, not model.train(flag) over all
-    model.train(train)
     try:
-        with torch.no_grad(), on_meta(model):
+        with preserved(model), torch.no_grad(), on_meta(model):
+            model.train(train)
             model(example.to("meta"))
     except Exception as exc:  # noqa: BLE001  (reported to the caller)
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} at {failure_location(exc)}"
     finally:
-        restore_training_flags(flags)
         for h in handles:
             h.remove()
     return result
@@ -119,17 +117,15 @@ def check_on_meta(module: nn.Module, input_shape: tuple[int, ...], output_shape:
                   modes: tuple[bool, ...] = (True, False)) -> str | None:
     """Run ``module`` alone on a meta input in each training mode of ``modes``; the problem, or
     None if it maps ``input_shape`` to ``output_shape`` in all of them."""
-    was_training = module.training
     try:
-        for train in modes:
-            module.train(train)
-            with torch.no_grad(), on_meta(module):
-                out = module(torch.empty(input_shape, device="meta"))
-            if tuple(out.shape) != tuple(output_shape):
-                return (f"{'train' if train else 'eval'}-mode output shape {tuple(out.shape)} differs "
-                        f"from the original's {tuple(output_shape)} for input {tuple(input_shape)}")
+        with preserved(module):
+            for train in modes:
+                module.train(train)
+                with torch.no_grad(), on_meta(module):
+                    out = module(torch.empty(input_shape, device="meta"))
+                if tuple(out.shape) != tuple(output_shape):
+                    return (f"{'train' if train else 'eval'}-mode output shape {tuple(out.shape)} differs "
+                            f"from the original's {tuple(output_shape)} for input {tuple(input_shape)}")
     except Exception as exc:  # noqa: BLE001  (reported to the caller)
         return f"{type(exc).__name__}: {exc}"
-    finally:
-        module.train(was_training)
     return None

@@ -78,3 +78,9 @@ def find_producers(graph: fx.Graph | None, modules: dict[str, nn.Module],
         else:
             out[name] = results[0]
     return out
+
+
+def producer_context(graphs) -> dict[str, Producer | str]:
+    """A target's ``context``: site name → its producing conv, or why it has none usable
+    (``graphs`` is the conversion's ``GraphContext``)."""
+    return find_producers(graphs.graph(train=True), graphs.modules, graphs.site_names)

@@ -8,12 +8,21 @@ GN/LN with affine, and the report says why.
 
 Transfer: the pretrained γ, β move into PN-Act (they sit before φ in both), γ̃ = β̃ = 0
 (reported as reset), batch statistics dropped. Not function-preserving: fine-tune or calibrate.
+
+After install, ``fuse_activations`` (the targets' ``finalize``) takes each consumed activation out
+of the data path (swap to ``nn.Identity``, or a forward rewrite of the owner); after a rewrite it
+runs the whole model on meta tensors, and a failure undoes it all.
 """
 from __future__ import annotations
 
+from torch import nn
+
 from .. import layers
+from . import forward_rewrite
 from .groups import resolve_groups
-from .registry import SiteInfo, SkipSite, register_target
+from .pairing import activation_context, apply_plan, pairings_and_plans
+from .probe import meta_forward
+from .registry import ConversionError, SiteInfo, SkipSite, register_target
 from .sources import SourceNorm
 from .standard_targets import build_gn, build_ln
 from .transfer import Transfer
@@ -57,10 +66,63 @@ def build_proxy_ln(source: SourceNorm, site: SiteInfo, options: dict):
     return _build_proxy(source, site, options, 1, build_ln)
 
 
-register_target("proxy_gn", build_proxy_gn, needs_context=True,
+def fuse_activations(work: nn.Module, installed: list, graphs, report):
+    """Take each activation a PN-Act consumes out of the data path; verify the whole model on meta
+    tensors, or undo it all and raise ``ConversionError``. Returns the undo."""
+    consumed = [site.name for site, built in installed if built.consumes_activation]
+    if not consumed:
+        return None
+    pairings, plans = pairings_and_plans(graphs)
+    undo = []
+
+    def undo_all():
+        for step in reversed(undo):
+            step()
+
+    rewrite: dict[str, set[str]] = {}
+    for name in consumed:
+        pairing = pairings[name]
+        if pairing.removal == "swap":
+            act = work.get_submodule(pairing.act_name)
+            identity = nn.Identity()
+            identity.training = act.training
+            work.set_submodule(pairing.act_name, identity)
+            undo.append(lambda n=pairing.act_name, a=act: work.set_submodule(n, a))
+        else:
+            rewrite.setdefault(pairing.owner, set()).add(name)
+    modes_differ = False
+    for owner_name, names in rewrite.items():
+        owner = work.get_submodule(owner_name)
+        apply_plan(owner, plans[owner_name], names)
+        undo.append(lambda o=owner: forward_rewrite.uninstall(o))
+        modes_differ |= owner.forward.train_src != owner.forward.eval_src
+    if not rewrite:  # an activation swapped for nn.Identity keeps every shape: no whole-model run needed
+        report.verify += f"; {len(consumed)} activation(s) fused (each module swapped for nn.Identity)"
+        return undo_all
+    analysis = graphs.analysis
+    if analysis.probe.error or analysis.example is None:
+        report.verify += "; the rewritten model was not run (no meta probe)"
+        return undo_all
+    # swapped modules and PN-Act compute the same in both modes: one eval-mode run covers
+    # them, unless a rewritten forward has a different train-mode graph
+    for train in ((True, False) if modes_differ else (False,)):
+        result = meta_forward(work, analysis.example, {}, train=train)
+        if result.error:
+            undo_all()
+            raise ConversionError(f"the model with activations fused into PN-Act fails a "
+                                  f"{'train' if train else 'eval'}-mode forward: {result.error}. "
+                                  f"The input model is unchanged.")
+    report.verify += (f"; {len(consumed)} activation(s) fused ({sum(map(len, rewrite.values()))} by "
+                      f"forward rewrite in {len(rewrite)} module(s)); whole model ran on meta tensors "
+                      f"in {'train and eval mode' if modes_differ else 'eval mode (same graphs in both)'}")
+    return undo_all
+
+
+register_target("proxy_gn", build_proxy_gn, context=activation_context, finalize=fuse_activations,
                 options=("num_groups", "group_size") + PROXY_OPTIONS,
                 summary="Proxy Norm: GroupNorm (no affine) + PN-Act fused with the following "
                         "activation; plain GroupNorm where no activation follows")
-register_target("proxy_ln", build_proxy_ln, needs_context=True, options=PROXY_OPTIONS,
+register_target("proxy_ln", build_proxy_ln, context=activation_context, finalize=fuse_activations,
+                options=PROXY_OPTIONS,
                 summary="Proxy Norm: LayerNorm over (C, positions) (no affine) + PN-Act; plain "
                         "LayerNorm where no activation follows")

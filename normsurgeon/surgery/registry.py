@@ -4,8 +4,22 @@ A target is registered once with a builder ``build(source, site, options) -> Bui
 creates the new module, moves the pretrained tensors over by its documented rule and says
 what it transferred, reset and dropped. A builder raises ``SkipSite(reason)`` for a site it
 cannot serve (e.g. instance statistics over one position) and ``ValueError`` for options that
-are wrong for a layer. ``register_target`` is public so users can add variants without
-editing the package.
+are wrong for a layer. Two optional hooks let a target own its graph work:
+
+- ``context(graphs) -> {site name: value}``: what the target needs to know beyond the module,
+  read from the conversion's shared ``GraphContext`` (``graph_context.py``); the value reaches the
+  builder as ``site.context``. Built in: ``pairing.activation_context`` (the activation after the
+  norm), ``shortcuts.shortcut_context`` (on a residual shortcut), ``producers.producer_context``
+  (the conv producing the input).
+- ``finalize(model, installed, graphs, report) -> undo``: runs once after every new module is
+  installed, with ``installed`` the (Site, Built) pairs of the sites built by targets sharing
+  this finalize; it may change the model further (Proxy Norm takes the fused activations out of
+  the data path) and returns a callable that undoes what it did (or None). It raises
+  ``ConversionError`` after undoing its own changes when the result does not work; the pipeline
+  then undoes the installs, so the input model stays as it was.
+
+``register_target`` / ``unregister_target`` are public so users can add variants without
+editing the package (``examples/custom_target.py``).
 """
 from __future__ import annotations
 
@@ -16,11 +30,14 @@ from typing import Callable
 from torch import nn
 
 COMMON_OPTIONS = ("eps",)
-CONTEXTS = ("activation", "shortcut", "producer")
 
 
 class SkipSite(Exception):
     """Raised by a builder: this site is left as it is, for the reason given."""
+
+
+class ConversionError(RuntimeError):
+    """The converted model failed verification; the input model is unchanged."""
 
 
 @dataclass
@@ -45,9 +62,12 @@ class Target:
     summary: str
     options: tuple[str, ...] = ()
     batch_dependent: bool = False
-    needs_context: bool = False  # needs graph context beyond the module itself
-    context: str = "activation"  # which: "activation" (pairing.Pairing), "shortcut" (bool) or
-    # "producer" (producers.Producer, or the reason a site has no usable producing conv)
+    context: Callable | None = None  # (GraphContext) -> {site name: value}, see the module docstring
+    finalize: Callable | None = None  # (model, [(Site, Built)], GraphContext, report) -> undo or None
+
+    @property
+    def needs_context(self) -> bool:
+        return self.context is not None
 
     def check_options(self, options: dict) -> None:
         allowed = set(self.options) | set(COMMON_OPTIONS)
@@ -63,22 +83,29 @@ _TARGETS: dict[str, Target] = {}
 
 
 def register_target(name: str, build: Callable, *, summary: str, options: tuple[str, ...] = (),
-                    batch_dependent: bool = False, needs_context: bool = False,
-                    context: str = "activation", replace: bool = False) -> Target:
-    """Add a conversion target ``name`` (see the module docstring for the builder contract)."""
+                    batch_dependent: bool = False, context: Callable | None = None,
+                    finalize: Callable | None = None, replace: bool = False) -> Target:
+    """Add a conversion target ``name`` (see the module docstring for the builder contract and the
+    ``context`` / ``finalize`` hooks); returns the registered ``Target``."""
     if not isinstance(name, str) or not name:
         raise TypeError("a target name is a non-empty string")
     if name in _TARGETS and not replace:
         raise ValueError(f"target {name!r} is already registered; pass replace=True to override it")
-    if context not in CONTEXTS:
-        raise ValueError(f"context={context!r}: one of {', '.join(map(repr, CONTEXTS))}")
-    target = Target(name, build, summary, tuple(options), batch_dependent, needs_context, context)
+    for what, hook in (("build", build), ("context", context), ("finalize", finalize)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{what}= takes a callable, got {type(hook).__name__}: e.g. "
+                            f"context=normsurgeon.surgery.activation_context")
+    target = Target(name, build, summary, tuple(options), batch_dependent, context, finalize)
     _TARGETS[name] = target
     return target
 
 
-def unregister_target(name: str) -> None:
-    _TARGETS.pop(name, None)
+def unregister_target(name: str) -> Target:
+    """Remove the target ``name`` (e.g. one a test or a notebook registered) and return it.
+    Unknown names are a ValueError listing the registered ones."""
+    if name not in _TARGETS:
+        raise ValueError(f"no target {name!r} is registered; registered targets: {', '.join(_TARGETS)}")
+    return _TARGETS.pop(name)
 
 
 def available_targets() -> dict[str, str]:

@@ -115,7 +115,7 @@ class ConversionReport:
             out += ["", "notes:"] + _grouped_notes(notes)
         for f in self.functional_sites:
             out.append(f"  functional {f['function']} in '{f['module']}': not converted "
-                       f"(a functional call has no module to swap)")
+                       f"({f.get('reason', 'a functional call has no module to swap')})")
         if self.trace.get("error"):
             out += ["", f"tracing: {self.trace['error']} (converted by module swap)"]
         for name, why in self.trace.get("leaves_added", {}).items():

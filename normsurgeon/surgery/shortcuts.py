@@ -38,3 +38,13 @@ def find_shortcut_norms(graph: fx.Graph, modules: dict[str, nn.Module], names: s
             if _is_add(user) and others and all(depth[o] > depth[out] for o in others):
                 found.add(node.target)
     return found
+
+
+def shortcut_context(graphs) -> dict[str, bool]:
+    """A target's ``context``: site name → whether it sits on a residual shortcut (nothing when the
+    model cannot be traced). ``graphs`` is the conversion's ``GraphContext``."""
+    graph = graphs.graph(train=True)
+    if graph is None:
+        return {}
+    found = find_shortcut_norms(graph, graphs.modules, set(graphs.site_names))
+    return {name: name in found for name in graphs.site_names}

@@ -17,8 +17,8 @@ from .probe import ProbeResult, default_input_size, meta_forward
 from .sources import Match, match_source
 from .tracing import TraceResult, trace
 
-FUNCTIONAL_NORMS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, torch.batch_norm,
-                    torch.layer_norm, torch.group_norm, torch.instance_norm}
+FUNCTIONAL_NORMS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, torch.batch_norm,
+                    torch.layer_norm, torch.group_norm, torch.instance_norm, torch.rms_norm}
 
 
 @dataclass
@@ -40,6 +40,16 @@ class Site:
     @property
     def names(self) -> list[str]:
         return [self.name] + self.aliases
+
+    def install(self, model: nn.Module, new: nn.Module) -> None:
+        """Put ``new`` in this site's place (under every name it has)."""
+        for name in self.names:
+            model.set_submodule(name, new)
+
+    def restore(self, model: nn.Module) -> None:
+        """Undo ``install``: the original module back in its place."""
+        for name in self.names:
+            model.set_submodule(name, self.module)
 
 
 @dataclass

@@ -12,6 +12,13 @@ Kinds (what the source normalizes over, x as (N, C, *positions)):
   group         per sample and channel group over (C/G, positions)
   positional    per sample and position over C (transformer LayerNorm, LayerNorm2d)
   instance      per sample and channel over positions
+  rms           per sample and position over C without centring (RMSNorm: torch ``nn.RMSNorm``,
+                timm ``RmsNorm``/``RmsNorm2d``): y = γ·x / sqrt(mean_C x² + eps). Transfer rule: γ
+                copied, β (which the source lacks) starts at 0; never function-preserving, since
+                every target centres (the same function only where the mean over C is 0).
+
+Known norms without a transfer rule are sites reported as unsupported with the reason
+(``UNSUPPORTED``): timm's FilterResponseNorm (FRN + TLU) and the EvoNorm family.
 """
 from __future__ import annotations
 
@@ -100,6 +107,27 @@ def _positional(m: nn.Module, channels_last: bool, note: str | None = None) -> S
                       note=note, **_fused(m))
 
 
+def _rms(m: nn.Module, channels_last: bool) -> SourceNorm:
+    shape = tuple(m.normalized_shape)
+    if len(shape) != 1:
+        raise UnsupportedSource(f"RMSNorm over {len(shape)} trailing axes {shape}: only one over the channel "
+                                f"axis has per-channel parameters that carry over")
+    eps = m.eps if m.eps is not None else torch.finfo(torch.float32).eps  # torch's default: the dtype's eps
+    return SourceNorm("rms", shape[0], channels_last, eps, m.weight, None,
+                      note="RMS norm (no centring): γ copied, β starts at 0; the target centres over its "
+                           "statistics, so the swap is not function-preserving", **_fused(m))
+
+
+def read_rms_norm(m: nn.Module) -> SourceNorm:
+    """RMSNorm over C on channels-last input (N, *, C): torch ``nn.RMSNorm(C)``, timm ``RmsNorm``."""
+    return _rms(m, True)
+
+
+def read_rms_norm_2d(m: nn.Module) -> SourceNorm:
+    """RMSNorm over C on channels-first input (N, C, H, W): timm ``RmsNorm2d``."""
+    return _rms(m, False)
+
+
 def read_layer_norm(m: nn.Module) -> SourceNorm:
     """``nn.LayerNorm(C)`` on channels-last input (N, *, C)."""
     return _positional(m, getattr(m, "channels_last", True))
@@ -113,7 +141,8 @@ def read_layer_norm_2d(m: nn.Module) -> SourceNorm:
 def _fp32(reader: Callable[[nn.Module], SourceNorm]) -> Callable[[nn.Module], SourceNorm]:
     def read(m: nn.Module) -> SourceNorm:
         source = reader(m)
-        source.note = "the source computed in float32; the target computes in the input dtype"
+        fp32 = "the source computed in float32; the target computes in the input dtype"
+        source.note = f"{source.note}; {fp32}" if source.note else fp32
         return source
     return read
 
@@ -187,7 +216,7 @@ def _register_builtin() -> None:
     for cls in (bn._BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                 layers.BatchNorm, layers.CrossIterationBatchNorm, layers.MemorizedBatchNorm):
         _READERS[cls] = read_batch_norm
-    for cls in (nn.GroupNorm, layers.GroupNorm, layers.LayerNorm):
+    for cls in (nn.GroupNorm, layers.GroupNorm, layers.GroupNorm1):
         _READERS[cls] = read_group_norm
     for cls in (nn.modules.instancenorm._InstanceNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                 nn.InstanceNorm3d, layers.InstanceNorm):
@@ -219,7 +248,27 @@ def _register_builtin() -> None:
         _READERS[cls] = read_layer_norm_2d
     for cls in (tl.LayerNorm2dFp32, tl.LayerNormAct2dFp32):
         _READERS[cls] = _fp32(read_layer_norm_2d)
+    rms = {(nn.RMSNorm, tl.RmsNorm, tl.RmsNormAct): read_rms_norm,
+           (tl.RmsNormFp32, tl.RmsNormActFp32): _fp32(read_rms_norm),
+           (tl.RmsNorm2d, tl.RmsNormAct2d): read_rms_norm_2d,
+           (tl.RmsNorm2dFp32, tl.RmsNormAct2dFp32): _fp32(read_rms_norm_2d)}
+    for classes, reader in rms.items():
+        _READERS.update(dict.fromkeys(classes, reader))
+    frn = ("Filter Response Normalization: x / sqrt(mean over positions of x² + eps) per sample and channel, "
+           "then a learned threshold max(y, τ) (TLU); no target reproduces τ and there is no mean to fold, "
+           "so no transfer rule is documented. Left as it is")
+    evo = ("EvoNorm: {what}; its learned gate v has no counterpart in any target and no transfer rule is "
+           "documented. Left as it is")
+    UNSUPPORTED.update({tl.FilterResponseNormAct2d: frn, tl.FilterResponseNormTlu2d: frn})
+    for name in ("EvoNorm2dB0", "EvoNorm2dB1", "EvoNorm2dB2"):
+        UNSUPPORTED[getattr(tl, name)] = evo.format(what="x·sigmoid(v·x) (or x) over a batch-and-instance "
+                                                         "standard deviation, with running variance")
+    for name in ("EvoNorm2dS0", "EvoNorm2dS0a", "EvoNorm2dS1", "EvoNorm2dS1a", "EvoNorm2dS2", "EvoNorm2dS2a"):
+        UNSUPPORTED[getattr(tl, name)] = evo.format(what="x·sigmoid(v·x) over a per-sample group standard "
+                                                         "deviation, no centring of the numerator")
 
+
+UNSUPPORTED: dict[type, str] = {}  # known norm classes without a transfer rule -> why
 
 _register_builtin()
 
@@ -245,6 +294,8 @@ def match_source(module: nn.Module) -> Match:
     cls = type(module)
     if cls in _READERS:
         return Match(_READERS[cls])
+    if cls in UNSUPPORTED:
+        return Match(unsupported=UNSUPPORTED[cls])
     for base in cls.__mro__[1:]:
         if base in _READERS:
             if cls.forward is base.forward:

@@ -96,7 +96,7 @@ def build_ln(source: SourceNorm, site: SiteInfo, options: dict):
     positions = site.positions(source.channels_last)
     if positions is not None:
         _check_elements(source.num_channels * positions, f"LayerNorm on input {site.input_shape}")
-    module = layers.LayerNorm(source.num_channels, _eps(source, options), source.affine,
+    module = layers.GroupNorm1(source.num_channels, _eps(source, options), source.affine,
                               **_common(source, options))
     t = _fold(Transfer(source, module).affine(), options, 1, module.eps).drop_statistics()
     if source.kind == "positional":

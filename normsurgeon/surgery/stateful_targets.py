@@ -19,7 +19,7 @@ about once.
 from __future__ import annotations
 
 from .. import layers
-from .producers import Producer
+from .producers import Producer, producer_context
 from .registry import SiteInfo, SkipSite, register_target
 from .sources import SourceNorm
 from .standard_targets import build_bn
@@ -109,7 +109,7 @@ def build_mbn(source: SourceNorm, site: SiteInfo, options: dict):
     return t.exact(("train+eval" if memory == 1 else "eval") if same else "no")
 
 
-register_target("cbn", build_cbn, batch_dependent=True, needs_context=True, context="producer",
+register_target("cbn", build_cbn, batch_dependent=True, context=producer_context,
                 options=("window", "burnin", "rho", "momentum"),
                 summary="Cross-Iteration BN: statistics over a window of iterations, compensated to the "
                         "producing conv's current weights; window=, burnin= (optimizer steps), rho=")

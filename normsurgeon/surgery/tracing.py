@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from .sources import match_source
-from ..model_state import restore_training_flags, training_flags
+from ..model_state import preserved
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MAX_LEAF_RETRIES = 32
@@ -95,15 +95,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def trace(model: nn.Module, train: bool = True) -> TraceResult:
-    """Trace ``model`` in train (or eval) mode; unrecoverable failures come back as ``error``. Every
-    module's own train/eval flag is given back afterwards."""
-    flags = training_flags(model)
-    model.train(train)
+def trace(model: nn.Module, train: bool = True, leaves_first: frozenset[str] = frozenset()) -> TraceResult:
+    """Trace ``model`` in train (or eval) mode, with the submodules named in ``leaves_first`` as leaves
+    too; unrecoverable failures come back as ``error``. Every module's own train/eval flag is given
+    back afterwards."""
     leaves: dict[str, str] = {}
-    try:
+    with preserved(model):
+        model.train(train)
         for _ in range(_MAX_LEAF_RETRIES):
-            tracer = NormTracer(set(leaves))
+            tracer = NormTracer(set(leaves) | set(leaves_first))
             try:
                 graph = tracer.trace(model)
                 return TraceResult(graph, leaves)
@@ -114,5 +114,3 @@ def trace(model: nn.Module, train: bool = True) -> TraceResult:
                     return TraceResult(None, leaves, reason)
                 leaves[stack[-1]] = reason
         return TraceResult(None, leaves, f"gave up after {_MAX_LEAF_RETRIES} untraceable submodules")
-    finally:
-        restore_training_flags(flags)

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..diagnostics.hooks import as_ncs, attach_preactivation_hooks
 from ..surgery.sites import find_sites
-from ..model_state import device_of, restore_training_flags, training_flags
+from ..model_state import device_of, preserved
 from .batches import input_batches
 
 
@@ -213,9 +213,6 @@ def calibrate(converted: nn.Module, original: nn.Module, data, *, num_batches: i
     if not fits:
         raise ValueError("calibrate: no norm site of the converted model has an affine to fit "
                          "and a counterpart in the original")
-    original_flags, model_flags = training_flags(original), training_flags(model)
-    original.eval()
-    model.eval()
     device = device_of(model)
     batches, held_out = _split_holdout(list(input_batches(data, num_batches, "calibrate")), holdout)
     generator = torch.Generator().manual_seed(0)
@@ -224,7 +221,9 @@ def calibrate(converted: nn.Module, original: nn.Module, data, *, num_batches: i
                                         include=list(fits))  # clone: the activation may run in place
     refit = _preactivation_hooks(fits, targets, method)
     try:
-        with torch.no_grad():
+        with preserved(original), preserved(model), torch.no_grad():
+            original.eval()
+            model.eval()
             for batch in batches:
                 for x in (augmented_views(batch, generator) if augment else [batch]):
                     targets.clear()
@@ -237,8 +236,6 @@ def calibrate(converted: nn.Module, original: nn.Module, data, *, num_batches: i
     finally:
         for h in record + refit:
             h.remove()
-        restore_training_flags(original_flags)
-        restore_training_flags(model_flags)
     for name, fit in fits.items():
         rows.append({"site": name, "mse_before": fit.mse_before, "mse_after": fit.residual()
                      if fit.mse_before is not None else None,

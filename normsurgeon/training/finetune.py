@@ -53,8 +53,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..domains.routing import router
 from ..progress import Progress
-from ..model_state import device_of, flags_preserved, running_statistics_layers
+from ..model_state import device_of, preserved, running_statistics_layers
 from .batches import check_inputs
 from .best_state import BestState, check_eval_size
 from .checkpoint import (data_fingerprint, load_checkpoint, mismatch, model_fingerprint, rng_state, save_checkpoint,
@@ -85,15 +86,6 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     t = temperature
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
                     reduction="batchmean") * (t * t)
-
-
-def _router(model: nn.Module) -> Callable:
-    """``route(domain)`` → a context routing the model's domain-specific BNs (or a no-op)."""
-    from ..domains.routing import domain, domain_layers
-
-    if not domain_layers(model):
-        return lambda d: contextlib.nullcontext()
-    return lambda d: domain(model, d) if d is not None else contextlib.nullcontext()
 
 
 def _make_optimizer(model, optimizer, lr, weight_decay, momentum):
@@ -158,13 +150,13 @@ def evaluate(model: nn.Module, data, teacher: nn.Module | None = None, batch_siz
     """eval_agreement / eval_kl with the teacher (when given), eval_accuracy / eval_loss (when
     labeled), eval_images (how many). Both models run in eval mode; every module's own flag is
     restored."""
-    route = _router(model)
+    route = router(model)
     order = DataOrder(data, batch_size, seed=0, what="eval_data")
     batches = order.batches(0) if order.dataset is None else _in_order(order.dataset, batch_size)
     sums, count = {"agree": 0.0, "kl": 0.0, "correct": 0.0, "ce": 0.0}, 0
     labeled = False
     device = device_of(model)
-    with flags_preserved(model), (flags_preserved(teacher) if teacher is not None else contextlib.nullcontext()):
+    with preserved(model), (preserved(teacher) if teacher is not None else contextlib.nullcontext()):
         model.eval()
         if teacher is not None:
             teacher.eval()
@@ -233,9 +225,9 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                         f"{keep_best!r}")
     names = select_trainable(model, trainable)
     with contextlib.ExitStack() as restore:  # every module's flag and requires_grad come back at the end
-        restore.enter_context(flags_preserved(model))
+        restore.enter_context(preserved(model))
         if teacher is not None:
-            restore.enter_context(flags_preserved(teacher))
+            restore.enter_context(preserved(teacher))
             teacher.eval()
         restore.enter_context(only_trainable(model, names))
         if not model.training:
@@ -315,7 +307,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                                         "best": best.state_dict() if best is not None else None})
             history.save(directory / "history")
 
-        route, device = _router(model), device_of(model)
+        route, device = router(model), device_of(model)
         teacher_cache: dict = {}
 
         def evaluation() -> None:

@@ -27,10 +27,10 @@ import itertools
 import torch
 from torch import nn
 
-from ..model_state import (buffers_restored, device_of, restore_training_flags, running_statistics_layers,
-                           training_flags)
+from ..model_state import device_of, preserved, running_statistics_layers
 from .batches import check_inputs
-from .finetune import _router, split_batch
+from ..domains.routing import router
+from .finetune import split_batch
 
 
 @torch.no_grad()
@@ -55,9 +55,8 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
              if name in ("running_mean", "running_var", "num_batches_tracked")}
     owned |= {id(b) for m in protocol for b in m.buffers(recurse=False)}
     before = [(m, m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in layers]
-    flags = training_flags(model)
-    route, device = _router(model), device_of(model)
-    with buffers_restored(model, owned):  # cross-iteration windows, counters: as they were
+    route, device = router(model), device_of(model)
+    with preserved(model, buffers=True, keep=owned):  # flags, cross-iteration windows, counters: as they were
         for m in protocol:
             m.begin_recalibration()  # snapshots its state before the reset below
         for m in layers:
@@ -85,7 +84,6 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
                 raise ValueError("recalibrate_bn: data is empty (no batch)")
             completed = True
         finally:
-            restore_training_flags(flags)
             for m in protocol:
                 m.end_recalibration(completed)
             for m, mean, var, momentum in before:

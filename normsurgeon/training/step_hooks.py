@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model_state import buffers_restored
+from ..model_state import preserved
 
 
 def stateful_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -71,7 +71,7 @@ def _refresh_forward(model: nn.Module, refreshing: list[nn.Module], inputs: Any)
     for m in refreshing:
         m.refreshing = True
     try:
-        with buffers_restored(model, owned), torch.no_grad():
+        with preserved(model, modes=False, buffers=True, keep=owned), torch.no_grad():
             model(*inputs) if isinstance(inputs, tuple) else model(inputs)
     finally:
         for m in refreshing:

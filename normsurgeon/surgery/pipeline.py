@@ -6,34 +6,31 @@ behaviour of everything else is untouched and state_dict keys of unchanged layer
 same. Every new module is built and checked on meta tensors against the shapes seen at its
 call site before anything is installed, so a failed conversion leaves the model as it was,
 even with ``inplace=True``.
+
+Nothing here knows a particular target: a target reads what it needs from the one shared
+``GraphContext`` (its ``context``) and finishes the model after install (its ``finalize``, whose
+undo runs if a later step fails); see ``registry.py``.
 """
 from __future__ import annotations
 
 import copy
 import fnmatch
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from . import (batch_group_targets, domain_targets, proxy_targets, standard_targets,  # noqa: F401
-               stateful_targets)  # (register targets)
-from .pairing import apply_plan, find_pairings
-from .producers import find_producers
-from .shortcuts import find_shortcut_norms
-from .probe import check_input_size, check_on_meta, meta_forward
-from . import forward_rewrite
-from .registry import Built, SiteInfo, SkipSite, get_target
+from .functional_sites import functional_sites
+from .graph_context import GraphContext
+from .probe import check_input_size, check_on_meta
+from .registry import Built, ConversionError, SiteInfo, SkipSite, get_target
 from .report import ConversionReport, SiteRow
 from .sites import Analysis, Site, analyze
 from .sources import UnsupportedSource
 
 Patterns = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
-
-
-class ConversionError(RuntimeError):
-    """The converted model failed verification; the input model is unchanged."""
 
 
 def _patterns(value: Patterns, argname: str):
@@ -84,8 +81,9 @@ def _row(site: Site, status: str, target: str | None, **kw) -> SiteRow:
                    aliases=site.aliases, **kw)
 
 
-def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options, dry_run, site_context):
+def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options, dry_run, graphs: GraphContext):
     rows, builds = [], []
+    dropped_acts: dict[str, list[str]] = {}  # target -> sites whose fused activation it dropped
     for site in analysis.sites:
         if site.match.unsupported:
             rows.append(_row(site, "unsupported", None, reason=site.match.unsupported))
@@ -99,22 +97,48 @@ def _build_all(analysis: Analysis, to: str, include, exclude, overrides, options
         target.check_options(site_opts)
         try:
             source = site.match.reader(site.module)
-            info = SiteInfo(site.name, site.input_shape, site_context.get(target.context, {}).get(site.name))
+            info = SiteInfo(site.name, site.input_shape, graphs.context_for(target.context).get(site.name))
             built: Built = target.build(source, info, site_opts)
         except (SkipSite, UnsupportedSource) as why:
             rows.append(_row(site, "skipped", site_to, reason=str(why)))
             continue
+        if _drops_fused_activation(source, built):
+            built.dropped.append(f"act ({type(source.act).__name__})")
+            dropped_acts.setdefault(site_to, []).append(site.name)
         notes = ([site.match.note] if site.match.note else []) + built.notes
         if site.inside_leaf:
             notes.append(f"inside leaf module '{site.inside_leaf}' (no graph context; swapped as a module)")
         elif site.calls == 0:
             notes.append("not called by the traced forward (converted anyway)")
+        elif site.calls and site.calls > 1:
+            notes.append(_shared_call_note(site.calls, target.batch_dependent))
         rows.append(_row(site, "planned" if dry_run else "converted", site_to,
                          new_type=type(built.module).__name__, exact=built.exact,
                          transferred=built.transferred, reset=built.reset, dropped=built.dropped,
                          notes=notes))
         builds.append((site, built, target))
+    for site_to, names in dropped_acts.items():
+        warnings.warn(f"target {site_to!r} dropped the activation fused into {len(names)} timm NormAct layer(s) "
+                      f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): the converted model skips "
+                      f"that nonlinearity. Give the new layer source.act (as the built-in targets do, see "
+                      f"examples/custom_target.py) or set Built.consumes_activation if it applies it itself",
+                      UserWarning, stacklevel=4)
     return rows, builds
+
+
+def _shared_call_note(calls: int, batch_dependent: bool) -> str:
+    """Why a norm module called at several places in the forward stays one module."""
+    why = ("its batch state (running statistics, windows, memories) is shared by every call, as the "
+           "source's was" if batch_dependent else "every call normalizes with the same weights, as before")
+    return f"called {calls} times in the forward: kept as one shared module ({why}); give each call its own " \
+           f"norm module in the model to convert them separately"
+
+
+def _drops_fused_activation(source, built: Built) -> bool:
+    """A fused activation (timm NormAct ``act``) that the new module neither holds nor applies."""
+    if source.act is None or built.consumes_activation:
+        return False
+    return not any(m is source.act or type(m) is type(source.act) for m in built.module.modules())
 
 
 def _install(model: nn.Module, site: Site, built: Built) -> None:
@@ -128,10 +152,11 @@ def _install(model: nn.Module, site: Site, built: Built) -> None:
     if frozen:
         for p in new.parameters(recurse=False):
             p.requires_grad_(False)
-    new.train(old.training)
+    old_parts = dict(old.named_modules())
+    for name, part in new.named_modules():  # each part takes the flag of its counterpart (act, drop), else the norm's
+        part.training = old_parts[name].training if name in old_parts else old.training
     new.site_name = site.name
-    for name in site.names:
-        model.set_submodule(name, new)
+    site.install(model, new)
 
 
 def _verify(builds: list, analysis: Analysis) -> str:
@@ -179,7 +204,24 @@ def _warn_unmatched_overrides(overrides: dict | None, sites: list[Site]) -> None
                           + (f" (site names look like {sites[0].name!r})" if sites else ""), UserWarning, stacklevel=4)
 
 
-def _run(model, to, include, exclude, overrides, input_size, options, dry_run, inplace):
+def _contexts(graphs: GraphContext, targets: list) -> None:
+    """The graph context every target used asks for, computed once each before any build."""
+    for target in targets:
+        graphs.context_for(target.context)
+
+
+@dataclass
+class _Run:
+    """What the shared first half of ``plan`` and ``convert`` produced."""
+
+    work: nn.Module  # the model to change (a deep copy unless inplace)
+    analysis: Analysis
+    graphs: GraphContext
+    report: ConversionReport
+    builds: list  # (Site, Built, Target) of every site to convert
+
+
+def _run(model, to, include, exclude, overrides, input_size, options, dry_run, inplace) -> _Run:
     _check_model(model)
     target = get_target(to)
     target.check_options(options)
@@ -192,24 +234,15 @@ def _run(model, to, include, exclude, overrides, input_size, options, dry_run, i
     input_size = check_input_size(model, input_size)
     work = model if inplace else copy.deepcopy(model)
     analysis = analyze(work, input_size)
+    module_sites = [s.name for s in analysis.sites if s.match.reader]
+    calls, analysis.functional = functional_sites(work, analysis.functional)  # F.layer_norm & co.: sites too
+    analysis.sites += calls
     _warn_unmatched(include, analysis.sites, "include")
     _warn_unmatched(exclude, analysis.sites, "exclude")
     _warn_unmatched_overrides(overrides, analysis.sites)
-    used = [target] + [get_target(o.get("to", target.name)) for o in (overrides or {}).values()]
-    contexts = {t.context for t in used if t.needs_context}
-    readable = [s.name for s in analysis.sites if s.match.reader]
-    site_context: dict[str, dict] = {"activation": {}, "shortcut": {}, "producer": {}}  # kind -> site -> value
-    plans = {}
-    if "activation" in contexts:
-        site_context["activation"], plans = find_pairings(work, readable)
-    if "shortcut" in contexts and analysis.trace.ok:
-        on_shortcut = find_shortcut_norms(analysis.trace.graph, dict(work.named_modules()), set(readable))
-        site_context["shortcut"] = {name: name in on_shortcut for name in readable}
-    if "producer" in contexts:
-        site_context["producer"] = find_producers(analysis.trace.graph, dict(work.named_modules()), readable)
-    rows, builds = _build_all(analysis, target.name, include, exclude, overrides, options, dry_run,
-                              site_context)
-    pairings = site_context["activation"]
+    graphs = GraphContext(work, analysis, module_sites)
+    _contexts(graphs, [target] + [get_target(o.get("to", target.name)) for o in (overrides or {}).values()])
+    rows, builds = _build_all(analysis, target.name, include, exclude, overrides, options, dry_run, graphs)
     report = ConversionReport(
         target.name, type(model).__name__, dict(options), rows, analysis.functional,
         {"ok": analysis.trace.ok, "error": analysis.trace.error, "leaves_added": analysis.trace.leaves_added},
@@ -227,7 +260,7 @@ def _run(model, to, include, exclude, overrides, input_size, options, dry_run, i
         warnings.warn(f"{len(skipped)} normalization site(s) left as they were "
                       f"({', '.join(r.name for r in skipped[:5])}{', ...' if len(skipped) > 5 else ''}); "
                       f"see the report for why", UserWarning, stacklevel=3)
-    return work, analysis, report, builds, pairings, plans
+    return _Run(work, analysis, graphs, report, builds)
 
 
 def plan(model: nn.Module, to: str, *, include: Patterns = None, exclude: Patterns = None,
@@ -235,7 +268,7 @@ def plan(model: nn.Module, to: str, *, include: Patterns = None, exclude: Patter
          **options) -> ConversionReport:
     """What ``convert`` would do, site by site, without touching ``model``."""
     report = _run(model, to, include, exclude, overrides, input_size, options,
-                  dry_run=True, inplace=False)[2]
+                  dry_run=True, inplace=False).report
     report.verify = "not run (dry run)"
     return report
 
@@ -247,7 +280,7 @@ def convert(model: nn.Module, to: str, *, include: Patterns = None, exclude: Pat
 
     Args:
         model: any ``nn.Module`` (timm, torchvision, or built from their parts).
-        to: a target name, see ``available_targets()``: 'bn', 'frozen_bn', 'gn', 'ln', 'in', 'pn', ...
+        to: a target name, see ``available_targets()`` (the README's target table).
         include / exclude: glob patterns on qualified names ('layer4.*') or a callable
             ``(name, module) -> bool`` selecting which sites to convert.
         inplace: modify ``model`` itself instead of a deep copy.
@@ -264,16 +297,16 @@ def convert(model: nn.Module, to: str, *, include: Patterns = None, exclude: Pat
         >>> new = normsurgeon.convert(timm.create_model("resnet50"), to="gn", num_groups=32)
         >>> print(new.normsurgeon_report)
     """
-    work, analysis, report, builds, pairings, plans = _run(
-        model, to, include, exclude, overrides, input_size, options, dry_run=False, inplace=inplace)
-    report.verify = _verify(builds, analysis)  # before installing: a failure changes nothing
-    if not report.verified and builds:
+    run = _run(model, to, include, exclude, overrides, input_size, options, dry_run=False, inplace=inplace)
+    work, analysis, report = run.work, run.analysis, run.report
+    report.verify = _verify(run.builds, analysis)  # before installing: a failure changes nothing
+    if not report.verified and run.builds:
         warnings.warn(f"the conversion could not be verified: {report.verify}. The new modules were not checked "
                       f"against their call sites; check input_size= ({tuple(analysis.example.shape[1:]) if analysis.example is not None else None} "
                       f"was used) or run the model once before trusting it", UserWarning, stacklevel=2)
-    for site, built, _ in builds:
+    for site, built, _ in run.builds:
         _install(work, site, built)
-    _remove_consumed_activations(work, builds, pairings, plans, analysis, report)
+    _finalize(run)
     recipe = {"to": report.target, "include": _recipe_patterns(include),
               "exclude": _recipe_patterns(exclude), "overrides": overrides,
               "input_size": list(input_size) if input_size else None, "options": dict(options)}
@@ -282,44 +315,25 @@ def convert(model: nn.Module, to: str, *, include: Patterns = None, exclude: Pat
     return work
 
 
-def _remove_consumed_activations(work, builds, pairings, plans, analysis, report) -> None:
-    """Take each fused activation out of the data path; verify the whole model, or undo all."""
-    consumed = [site.name for site, built, _ in builds if built.consumes_activation]
-    if not consumed:
-        return
-    undo = [lambda site=site: [work.set_submodule(n, site.module) for n in site.names]
-            for site, _, _ in builds]
-    rewrite: dict[str, set[str]] = {}
-    for name in consumed:
-        pairing = pairings[name]
-        if pairing.removal == "swap":
-            act = work.get_submodule(pairing.act_name)
-            work.set_submodule(pairing.act_name, nn.Identity())
-            undo.append(lambda n=pairing.act_name, a=act: work.set_submodule(n, a))
-        else:
-            rewrite.setdefault(pairing.owner, set()).add(name)
-    modes_differ = False
-    for owner_name, names in rewrite.items():
-        owner = work.get_submodule(owner_name)
-        apply_plan(owner, plans[owner_name], names)
-        undo.append(lambda o=owner: forward_rewrite.uninstall(o))
-        modes_differ |= owner.forward.train_src != owner.forward.eval_src
-    if analysis.probe.error or analysis.example is None:
-        report.verify += "; the rewritten model was not run (no meta probe)"
-        return
-    # swapped modules and PN-Act compute the same in both modes: one eval-mode run covers
-    # them, unless a rewritten forward has a different train-mode graph
-    for train in ((True, False) if modes_differ else (False,)):
-        result = meta_forward(work, analysis.example, {}, train=train)
-        if result.error:
-            for step in reversed(undo):
-                step()
-            raise ConversionError(f"the model with activations fused into PN-Act fails a "
-                                  f"{'train' if train else 'eval'}-mode forward: {result.error}. "
-                                  f"The input model is unchanged.")
-    report.verify += (f"; {len(consumed)} activation(s) fused ({sum(map(len, rewrite.values()))} by "
-                      f"forward rewrite in {len(rewrite)} module(s)); whole model ran on meta tensors "
-                      f"in {'train and eval mode' if modes_differ else 'eval mode (same graphs in both)'}")
+def _finalize(run: _Run) -> None:
+    """Each distinct ``finalize`` of the targets used, once, over the sites its targets built; when one
+    raises ConversionError, the earlier ones and every install are undone (the model is as it was)."""
+    by_hook: dict[Callable, list] = {}
+    for site, built, target in run.builds:
+        if target.finalize is not None:
+            by_hook.setdefault(target.finalize, []).append((site, built))
+    undo = []
+    try:
+        for hook, installed in by_hook.items():
+            step = hook(run.work, installed, run.graphs, run.report)
+            if step is not None:
+                undo.append(step)
+    except ConversionError:
+        for step in reversed(undo):
+            step()
+        for site, _, _ in reversed(run.builds):
+            site.restore(run.work)
+        raise
 
 
 def _recipe_patterns(value: Patterns):
