@@ -104,3 +104,22 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, targets: list
                 torch.save(record, os.path.join(out_dir, f"{target}_{split[0]}{split[1]}_{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def disagreeing_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Rank 1 converts with other bgn groups: both ranks must raise at the first step, not hang."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build("bgn") if rank == 0 else ns.convert(build("bn").float(), to="bgn", num_groups=4,
+                                                                      input_size=(3, 6, 6)).double()
+        model = ns.sync_statistics(model)
+        try:
+            model(data(0)[0][:2])
+            message = "no error"
+        except RuntimeError as err:
+            message = str(err)
+        with open(os.path.join(out_dir, f"message_{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()

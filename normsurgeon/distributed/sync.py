@@ -13,7 +13,7 @@ identical on every rank, so DDP's ``broadcast_buffers`` (True by default) is cor
 ``broadcast_buffers=False`` saves one broadcast per forward. A layer left as torch's or timm's
 BatchNorm would silently normalize per rank, so it is refused: convert it to ``'bn'`` first.
 
-At the first forward, the ranks compare the synchronized layers (name, class, shapes, dtypes) with
+At the first training forward, the ranks compare the synchronized layers (name, class, shapes, dtypes) with
 one ``all_gather_object``: a rank with a different model raises on every rank instead of hanging.
 Like ``normsurgeon.convert``, both functions return a modified deep copy unless ``inplace=True``.
 """
@@ -118,8 +118,8 @@ class FirstStepCheck:
         if self.done or torch.compiler.is_compiling():
             return
         layers = synced_layers(model)
-        if not layers:
-            return
+        if not any(m.training for _, m in layers):
+            return  # an eval forward makes no collective (it may run on one rank only): check later
         group = getattr(layers[0][1], "process_group", None)
         require_process_group(group, "normsurgeon.sync_statistics")
         mine = layer_signature(model)
