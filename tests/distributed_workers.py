@@ -123,3 +123,36 @@ def disagreeing_rank(rank: int, world: int, init_file: str, out_dir: str) -> Non
             f.write(message)
     finally:
         dist.destroy_process_group()
+
+
+FINETUNE = {"steps": 5, "lr": 0.05, "train_statistics": True, "progress": False, "seed": 0}
+
+
+def small_resnet() -> nn.Module:
+    """timm resnet10t (32 px) converted to bn, float64."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=5)
+    return ns.convert(model, to="bn", input_size=(3, 32, 32)).double()
+
+
+def finetune_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(24, 3, 32, 32, generator=gen, dtype=torch.float64), torch.randint(0, 5, (24,), generator=gen)
+
+
+def finetune_rank(rank: int, world: int, init_file: str, out_dir: str, batch_size: int) -> None:
+    """Interrupted after one step (max_seconds), resumed from the checkpoint with a fresh model."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        ckpt = os.path.join(out_dir, "ckpt")
+        first = ns.finetune(small_resnet(), finetune_data(), batch_size=batch_size, checkpoint_dir=ckpt,
+                            max_seconds=1e-9, **FINETUNE)
+        model = small_resnet()
+        ns.finetune(model, finetune_data(), batch_size=batch_size, checkpoint_dir=ckpt, **FINETUNE)
+        torch.save({"state": model.state_dict(), "first_steps": [r["step"] for r in first if "loss" in r],
+                    "classes": sorted({type(m).__name__ for m in model.modules()})},
+                   os.path.join(out_dir, f"finetuned_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
