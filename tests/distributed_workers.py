@@ -129,16 +129,21 @@ FINETUNE = {"steps": 5, "lr": 0.05, "train_statistics": True, "progress": False,
 
 
 def small_resnet() -> nn.Module:
-    """timm resnet10t (32 px) converted to bn, float64."""
+    """timm resnet10t (32 px) converted to mbn (memory of 2: synced double forward after every step), float64."""
     import timm
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=5)
-    return ns.convert(model, to="bn", input_size=(3, 32, 32)).double()
+    return ns.convert(model, to="mbn", memory=2, input_size=(3, 32, 32)).double()
 
 
 def finetune_data() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
     return torch.randn(24, 3, 32, 32, generator=gen, dtype=torch.float64), torch.randint(0, 5, (24,), generator=gen)
+
+
+def recalibration_batches() -> list[torch.Tensor]:
+    """Three batches of 8; each of 2 ranks reads rows rank::2 of each."""
+    return list(finetune_data()[0][:24].split(8))
 
 
 def finetune_rank(rank: int, world: int, init_file: str, out_dir: str, batch_size: int) -> None:
@@ -151,7 +156,9 @@ def finetune_rank(rank: int, world: int, init_file: str, out_dir: str, batch_siz
                             max_seconds=1e-9, **FINETUNE)
         model = small_resnet()
         ns.finetune(model, finetune_data(), batch_size=batch_size, checkpoint_dir=ckpt, **FINETUNE)
-        torch.save({"state": model.state_dict(), "first_steps": [r["step"] for r in first if "loss" in r],
+        finetuned = {k: v.clone() for k, v in model.state_dict().items()}
+        ns.recalibrate_bn(model, [x[rank::world] for x in recalibration_batches()])
+        torch.save({"state": finetuned, "recalibrated": model.state_dict(), "first_steps": [r["step"] for r in first if "loss" in r],
                     "classes": sorted({type(m).__name__ for m in model.modules()})},
                    os.path.join(out_dir, f"finetuned_{rank}.pt"))
     finally:

@@ -1,4 +1,5 @@
-"""finetune under 2 ranks (gloo, float64): sharded data, DDP, synced statistics, resume, rank-0 writes.
+"""finetune under 2 ranks (gloo, float64): sharded data, DDP, synced statistics, step hooks (MBN's synced
+double forward) on every rank, resume, rank-0 writes; recalibrate_bn over both ranks' data.
 
 Two ranks at batch 4 for 5 steps (interrupted after step 1 and resumed from the checkpoint) end with
 the weights of one uninterrupted process at batch 8, within 1e-5 relative (measured: ~1e-15).
@@ -13,6 +14,8 @@ import torch
 import torch.multiprocessing as mp
 
 import normsurgeon as ns
+
+pytestmark = pytest.mark.slow  # two ranks train a ResNet for 5 steps twice: about a minute of CPU
 
 sys.path.insert(0, os.path.dirname(__file__))
 import distributed_workers as workers  # noqa: E402
@@ -42,6 +45,22 @@ def test_two_ranks_at_batch_4_equal_one_process_at_batch_8(two_rank_run):
     moved = [k for k, v in reference.state_dict().items() if v.is_floating_point() and
              not torch.equal(v, workers.small_resnet().state_dict()[k])]
     assert moved  # the weights did change, the comparison is not trivial
+
+
+def test_recalibrate_bn_over_two_ranks_equals_one_process_on_all_the_data(two_rank_run):
+    ranks = [torch.load(two_rank_run / f"finetuned_{r}.pt") for r in range(2)]
+    reference = workers.small_resnet()
+    reference.load_state_dict(ranks[0]["state"])
+    ns.recalibrate_bn(reference, workers.recalibration_batches())
+    changed = False
+    for key, want in reference.state_dict().items():
+        if not want.is_floating_point():
+            continue
+        changed |= not torch.equal(want, ranks[0]["state"][key])
+        for rank in ranks:
+            got = rank["recalibrated"][key]
+            assert ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item() < 1e-5, key
+    assert changed
 
 
 def test_rank_0_alone_wrote_the_checkpoint_and_another_world_size_is_refused(two_rank_run):

@@ -19,6 +19,7 @@ Like ``normsurgeon.convert``, both functions return a modified deep copy unless 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -92,6 +93,20 @@ def unsync(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         module.__dict__.pop("process_group", None)
     _remove_checks(work)
     return work
+
+
+@contextlib.contextmanager
+def synchronized(model: nn.Module):
+    """``model``'s layers synchronized in place for the block, local again after it (those that were
+    synchronized before stay so). For ``finetune`` and ``recalibrate_bn`` under torchrun."""
+    already = bool(synced_layers(model))
+    if not already:
+        sync_statistics(model, inplace=True)
+    try:
+        yield model
+    finally:
+        if not already:
+            unsync(model, inplace=True)
 
 
 def _remove_checks(model: nn.Module) -> None:

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed.ranks import Ranks
+from ..distributed.sync import synchronized
 from ..progress import Progress
 from ..model_state import device_of, flags_preserved, running_statistics_layers
 from .batches import check_inputs
@@ -221,22 +222,6 @@ def _refuse_other_world(saved: int, now: int, directory) -> None:
             f"Nothing was overwritten.")
 
 
-@contextlib.contextmanager
-def _synchronized(model: nn.Module):
-    """The model's batch-statistics layers synchronized over the ranks (in place) for the run."""
-    from ..distributed import sync_statistics, unsync
-    from ..distributed.sync import synced_layers
-
-    already = bool(synced_layers(model))
-    if not already:
-        sync_statistics(model, inplace=True)
-    try:
-        yield
-    finally:
-        if not already:
-            unsync(model, inplace=True)
-
-
 def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, steps: int | None = None,
              epochs: int | None = None, lr: float = 0.01, optimizer: str | Callable = "sgd",
              batch_size: int = 32, weight_decay: float = 5e-5, momentum: float = 0.9,
@@ -280,7 +265,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         for m in frozen:
             m.training = False  # population statistics, not updated; the module's children keep their mode
         if ranks is not None and train_statistics:
-            restore.enter_context(_synchronized(model))
+            restore.enter_context(synchronized(model))
         extra_settings = {"trainable": names if len(names) < len(list(model.parameters())) else "all",
                           "train_statistics": train_statistics, "keep_best": keep_best}
         order = DataOrder(train_data, batch_size, seed, ranks=ranks)
