@@ -109,3 +109,14 @@ def test_ranks_that_disagree_on_layer_shapes_raise_on_every_rank_without_hanging
     for rank in range(2):
         message = (tmp_path / f"message_{rank}.txt").read_text()
         assert "ranks disagree" in message and "(4,)" in message and "BatchGroupNorm" in message, message
+
+
+def test_synchronized_leaves_a_model_without_batch_statistics_alone(one_rank_group):
+    from normsurgeon.distributed.sync import synchronized
+    model = ns.convert(workers.build("bn").float(), to="gn", input_size=(3, 6, 6))
+    with synchronized(model):
+        assert not synced_layers(model)
+    synced = workers.build("bn")
+    with synchronized(synced):
+        assert len(synced_layers(synced)) == 2
+    assert not synced_layers(synced)

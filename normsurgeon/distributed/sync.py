@@ -100,6 +100,8 @@ def synchronized(model: nn.Module):
     """``model``'s layers synchronized in place for the block, local again after it (those that were
     synchronized before stay so). For ``finetune`` and ``recalibrate_bn`` under torchrun."""
     already = bool(synced_layers(model))
+    nothing = not any(type(m) in SYNCED for m in model.modules()) and not _unsupported(model)
+    already = already or nothing  # (a gn/ln/pn model has no batch statistics to synchronize)
     if not already:
         sync_statistics(model, inplace=True)
     try:
