@@ -7,6 +7,8 @@ Model: timm resnet10t (5 classes) at ``--size`` px, converted to each target (ds
 batch routed to domain 0); one timed train step = forward, loss, backward, SGD step,
 ``normsurgeon.after_step`` (MBN's double forward included). Per target:
   1 rank       one process, local layers, batch B (``--batch``)
+  1 synced     one process in a gloo group of one, ``sync_statistics``: the synchronized layers'
+               own cost (their unfused autograd path and the collectives' overhead), no second rank
   2 ranks      two processes (gloo, one thread each), ``sync_statistics``, batch B each: the same
                work per process plus the collectives (so the ratio is the cost of syncing; on a
                machine with fewer free cores than ranks it also includes their competition)
@@ -94,16 +96,17 @@ def step(model, opt, x, y, target):
             route.__exit__(None, None, None)
 
 
-def measure(rank, world, init_file, args, results):
+def measure(rank, world, init_file, args, results, sync=True):
     torch.set_num_threads(1)
-    if world > 1:
+    sync = sync and init_file is not None
+    if sync:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     rows = {}
     try:
         for target in args.targets:
             model = build(target, args.size)
             layers = 0
-            if world > 1:
+            if sync:
                 model = ns.sync_statistics(model)
                 layers = len(synced_layers(model))
             opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -113,7 +116,7 @@ def measure(rank, world, init_file, args, results):
             for _ in range(2):
                 step(model, opt, x, y, target)
             phases = {}
-            if world > 1:
+            if sync:
                 dist._bench_counter = Counter()
                 phases = step(model, opt, x, y, target)
                 for name, original in dist._bench_counter.originals.items():
@@ -128,7 +131,7 @@ def measure(rank, world, init_file, args, results):
                 times.append(time.perf_counter() - start)
             rows[target] = {"ms": 1000 * statistics.median(times), "layers": layers, **phases}
     finally:
-        if world > 1:
+        if sync:
             dist.destroy_process_group()
     if rank == 0:
         torch.save(rows, results)
@@ -146,19 +149,25 @@ def main():
     if unknown:
         parser.error(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        one, two = os.path.join(tmp, "one.pt"), os.path.join(tmp, "two.pt")
+        one, solo, two = (os.path.join(tmp, f"{n}.pt") for n in ("one", "solo", "two"))
         measure(0, 1, None, args, one)
-        mp.spawn(measure, args=(2, os.path.join(tmp, "init"), args, two), nprocs=2, join=True)
-        single, double = torch.load(one), torch.load(two)
+        measure(0, 1, os.path.join(tmp, "init1"), args, solo)
+        mp.spawn(measure, args=(2, os.path.join(tmp, "init2"), args, two), nprocs=2, join=True)
+        single, synced_one, double = torch.load(one), torch.load(solo), torch.load(two)
     print(f"# bench_distributed: resnet10t {args.size}px, batch {args.batch} per process, {args.repeats} repeats, "
           f"gloo, 1 thread per process, torch {torch.__version__}, {cpu_model()}, {os.cpu_count()} cores")
-    print(f"{'target':<7}{'1 rank ms':>11}{'2 ranks ms':>12}{'ratio':>7}{'layers':>8}"
+    print(f"# load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"{'target':<7}{'1 rank ms':>11}{'1 synced ms':>13}{'2 ranks ms':>12}{'ratio':>7}{'layers':>8}"
           f"{'fwd/layer':>11}{'bwd/layer':>11}{'after_step/layer':>18}")
     for target in args.targets:
         a, b = single[target], double[target]
         n = max(b["layers"], 1)
-        print(f"{target:<7}{a['ms']:>11.1f}{b['ms']:>12.1f}{b['ms'] / a['ms']:>7.2f}{b['layers']:>8}"
+        print(f"{target:<7}{a['ms']:>11.1f}{synced_one[target]['ms']:>13.1f}{b['ms']:>12.1f}{b['ms'] / a['ms']:>7.2f}{b['layers']:>8}"
               f"{b['forward'] / n:>11.2f}{b['backward'] / n:>11.2f}{b['after_step'] / n:>18.2f}")
+    at_floor = [t for t in args.targets if double[t]["forward"] == double[t]["layers"] == double[t]["backward"]]
+    print(f"at the floor (1 collective per layer in the forward, 1 in the backward): {', '.join(at_floor) or 'none'}"
+          f"; above it: {', '.join(t for t in args.targets if t not in at_floor) or 'none'} (cbn: + the "
+          f"derivatives' all-reduce when it pushes an entry)")
 
 
 if __name__ == "__main__":

@@ -69,3 +69,19 @@ def test_rank_0_alone_wrote_the_checkpoint_and_another_world_size_is_refused(two
     with pytest.raises(ValueError, match=r"2 process\(es\) and this run has 1.*--nproc-per-node 2"):
         ns.finetune(workers.small_resnet(), workers.finetune_data(), batch_size=8,
                     checkpoint_dir=two_rank_run / "ckpt", **workers.FINETUNE)
+
+
+def test_cli_finetune_under_torchrun_on_cpu(tmp_path):
+    """`torchrun --nproc-per-node 2 -m normsurgeon finetune ...` on CPU: gloo, rank 0 alone prints and writes."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    command = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc-per-node", "2",
+               "-m", "normsurgeon", "finetune", "resnet10t", "--to", "bn", "--train-statistics", "--steps", "2",
+               "--batch-size", "4", "--size", "32", "--eval-images", "8", "-o", str(tmp_path / "r10.pt")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("after fine-tuning (2 steps") == 1, result.stdout  # printed by rank 0 only
+    assert (tmp_path / "r10.pt").exists() and (tmp_path / "r10.history.json").exists()
