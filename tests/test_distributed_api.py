@@ -120,3 +120,16 @@ def test_synchronized_leaves_a_model_without_batch_statistics_alone(one_rank_gro
     with synchronized(synced):
         assert len(synced_layers(synced)) == 2
     assert not synced_layers(synced)
+
+
+def test_channels_last_layout_synced_in_a_group_of_one_equals_the_local_layer(one_rank_group):
+    from normsurgeon.layers import BatchNorm
+    local = nn.Sequential(BatchNorm(6, channels_last=True, act=nn.GELU())).double()
+    synced = ns.sync_statistics(local)
+    x = torch.randn(3, 5, 5, 6, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.testing.assert_close(synced(x2), local(x), rtol=1e-12, atol=1e-12)
+    local(x).square().sum().backward()
+    synced(x2).square().sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(synced[0].running_var, local[0].running_var, rtol=1e-12, atol=0)
