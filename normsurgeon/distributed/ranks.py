@@ -45,6 +45,9 @@ class Ranks:
                    inspect.signature(nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers")
         return nn.parallel.DistributedDataParallel(model, device_ids=ids, **{keyword: False})
 
+    def barrier(self) -> None:
+        dist.barrier()
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on some rank (one all-reduce): decisions such as
         stopping on a time budget must be the same everywhere, or the others wait forever."""

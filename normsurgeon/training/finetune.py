@@ -332,14 +332,17 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                 print(f"finetune: resuming from step {step} of {steps} ({directory})", file=sys.stderr, flush=True)
 
         def checkpoint() -> None:
-            if directory is None or (ranks is not None and not ranks.main):
+            if directory is None:
                 return
-            save_checkpoint(directory, {"fingerprint": fingerprint, "model": model.state_dict(),
-                                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                        "step": step, "epoch": epoch, "position": position, "clocks": clocks,
-                                        "epoch_rng": epoch_rng, "rng": rng_state(), "history": list(history),
-                                        "best": best.state_dict() if best is not None else None})
-            history.save(directory / "history")
+            if ranks is None or ranks.main:
+                save_checkpoint(directory, {"fingerprint": fingerprint, "model": model.state_dict(),
+                                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                            "step": step, "epoch": epoch, "position": position, "clocks": clocks,
+                                            "epoch_rng": epoch_rng, "rng": rng_state(), "history": list(history),
+                                            "best": best.state_dict() if best is not None else None})
+                history.save(directory / "history")
+            if ranks is not None:
+                ranks.barrier()  # no rank goes on (and perhaps resumes from the folder) before it is written
 
         route, device = _router(model), device_of(model)
         net = ranks.ddp(model) if ranks is not None else model  # DDP after a resume: every rank loaded it
