@@ -31,3 +31,4 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_domains.py
 	$(PY) benchmarks/bench_stateful.py
 	$(PY) benchmarks/bench_deploy.py
+	$(PY) benchmarks/bench_distributed.py

@@ -37,6 +37,10 @@ BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README.read_text(), re.S)
 PYTHON = [code for lang, code in BLOCKS if lang == "python"]
 COMMANDS = [shlex.split(line, comments=True) for lang, code in BLOCKS if lang == "bash"
             for line in code.replace("\\\n", " ").splitlines() if line.strip().startswith("normsurgeon ")]
+# `torchrun ... -m normsurgeon ARGS` lines: ARGS parsed as a normsurgeon command line
+COMMANDS += [["normsurgeon"] + words[words.index("normsurgeon") + 1:] for words in
+             (shlex.split(line, comments=True) for lang, code in BLOCKS if lang == "bash"
+              for line in code.replace("\\\n", " ").splitlines() if line.strip().startswith("torchrun "))]
 STEP_CAP = 2
 
 
@@ -65,6 +69,9 @@ def free_names(code: str) -> set[str]:
                     if item.optional_vars is not None:
                         binds(item.optional_vars)
                 scan(st.body)
+            elif isinstance(st, ast.FunctionDef):  # its body reads the names free at the definition
+                bound.add(st.name)
+                loads(st)
             elif isinstance(st, (ast.If, ast.While)):
                 loads(st.test), scan(st.body), scan(st.orelse)
             elif isinstance(st, (ast.Assign, ast.AnnAssign)):

@@ -4,9 +4,14 @@ Data: ``--data DIR`` (every 5th image held out, or ``--eval-data DIR``), by defa
 the offline photos (``normsurgeon.photo_crops``). Top-1 agreement and KL with the original on the
 held-out images are printed before and after; the model is saved with ``ns.save`` and the
 history next to it. ``--checkpoint-dir`` makes the run resumable: the same command again resumes.
+
+Under ``torchrun --nproc-per-node N -m normsurgeon finetune ...`` the default process group is started
+(gloo on CPU, nccl with CUDA), ``--batch-size`` is per process and ``ns.finetune`` shards the data;
+only rank 0 prints and writes files.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -173,6 +178,18 @@ def _calibrate(converted, model, calibration, validation, measure):
 
 
 def run(args) -> int:
+    from ..distributed.ranks import start_from_environment
+
+    ranks = start_from_environment()  # under torchrun; None in a single process
+    if ranks is None or ranks.main:
+        return _run(args, writes=True)
+    # the other ranks train alongside, silently (an error still reaches stderr: main prints it after
+    # this block), and write nothing
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        return _run(args, writes=False)
+
+
+def _run(args, writes: bool) -> int:
     import normsurgeon as ns
 
     options = _check(args)
@@ -208,6 +225,8 @@ def run(args) -> int:
             if restored else "")
     out(f"after fine-tuning ({done} step{'s' if done != 1 else ''}, {cpu / 60:.2f} CPU minutes"
         f"{', stopped: ' + stopped if stopped else ''}{kept}): {measure(converted)}")
+    if not writes:
+        return 0
     ns.save(converted, args.output)
     written = [args.output] + [str(p) for p in history.save(os.path.splitext(args.output)[0] + ".history")]
     out("")

@@ -312,6 +312,8 @@ def convert(model: nn.Module, to: str, *, include: Patterns = None, exclude: Pat
               "input_size": list(input_size) if input_size else None, "options": dict(options)}
     work.normsurgeon_report = report
     work.normsurgeon_recipes = list(getattr(model, "normsurgeon_recipes", [])) + [recipe]
+    from ..distributed.guard import install_guard
+    install_guard(work)  # an error, not a silent loss, after torch's/timm's convert_sync_batchnorm
     return work
 
 

@@ -9,6 +9,11 @@ Any other iterable (a ``DataLoader``): each epoch iterates it again; to resume, 
 RNG is set to its state at the start of that epoch (a shuffling DataLoader draws from it when
 its iterator is created) and the batches already consumed are skipped. That is exact when the
 loader is deterministic given the torch RNG (``num_workers=0`` or seeded workers).
+
+Under several processes (``ranks``, see ``normsurgeon.distributed.ranks``), map-style data is read
+as global batches of ``batch_size`` × world size from the same permutation on every rank, and each
+rank takes its rows of it (DistributedSampler's interleaving): W ranks at ``batch_size`` B read
+exactly what one process at B·W reads. A loader is taken as already sharded (DistributedSampler).
 """
 from __future__ import annotations
 
@@ -39,13 +44,14 @@ def as_dataset(data, what: str):
 class DataOrder:
     """Batches of epoch ``epoch`` from position ``start`` on; ``steps_per_epoch`` when known."""
 
-    def __init__(self, data, batch_size: int, seed: int, what: str = "train_data"):
+    def __init__(self, data, batch_size: int, seed: int, what: str = "train_data", ranks=None):
         self.dataset, self.loader, self.batch_size, self.seed = as_dataset(data, what), data, batch_size, seed
+        self.ranks = ranks
         if self.dataset is not None:
             n = len(self.dataset)
             if n == 0:
                 raise ValueError(f"{what} is empty: fine-tuning needs at least one sample")
-            self.steps_per_epoch = max(n // batch_size, 1)
+            self.steps_per_epoch = max(n // self._global_batch, 1)
         else:
             self.steps_per_epoch = len(data) if hasattr(data, "__len__") else None
             if self.steps_per_epoch == 0:
@@ -63,6 +69,13 @@ class DataOrder:
     def _dataset_batches(self, epoch: int, start: int) -> Iterator:
         n = len(self.dataset)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        size = min(self.batch_size, n)
+        size = min(self._global_batch, n)
         for b in range(start, self.steps_per_epoch):
-            yield default_collate([self.dataset[int(i)] for i in order[b * size:(b + 1) * size]])
+            rows = order[b * size:(b + 1) * size]
+            if self.ranks is not None:
+                rows = self.ranks.shard(rows)
+            yield default_collate([self.dataset[int(i)] for i in rows])
+
+    @property
+    def _global_batch(self) -> int:
+        return self.batch_size * (self.ranks.world if self.ranks is not None else 1)

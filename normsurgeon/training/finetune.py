@@ -35,6 +35,14 @@ and at the end (the last state, and the best state so far), and ``history.json``
 with the same weights, bit for bit on CPU, as an uninterrupted run. A checkpoint of another
 model, recipe or configuration is refused before anything is written.
 
+Under torchrun (an initialized process group of 2 or more ranks), ``batch_size`` is per process:
+map-style data is sharded (each rank its rows of one global batch of ``batch_size`` × world size,
+see ``data_order``; a DataLoader is taken as already sharded), the model runs in
+DistributedDataParallel (``broadcast_buffers=False``), with ``train_statistics=True`` its
+batch-statistics layers are synchronized (``normsurgeon.sync_statistics``, in place, undone at the
+end), step hooks run on every rank, and only rank 0 prints and writes checkpoints. W ranks at batch B
+train exactly as one process at batch B·W. A checkpoint resumes only with the same number of ranks.
+
 Write your own loop instead? Keep three things: ``ns.param_groups(model, wd)`` for the
 optimizer, ``ns.after_step(model, x)`` after every ``optimizer.step()``, and (for batch-
 statistics targets) ``ns.recalibrate_bn(model, data)`` before evaluating.
@@ -53,6 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed.ranks import Ranks
+from ..distributed.sync import synchronized
 from ..domains.routing import router
 from ..progress import Progress
 from ..model_state import device_of, preserved, running_statistics_layers
@@ -195,6 +205,15 @@ def _in_order(dataset, batch_size):
         yield default_collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
 
 
+def _refuse_other_world(saved: int, now: int, directory) -> None:
+    if saved != now:
+        raise ValueError(
+            f"the checkpoint in {directory} was written by a run of {saved} process(es) and this run has {now}: "
+            f"the data order and the per-process batches depend on the number of processes. Resume with the same "
+            f"number (torchrun --nproc-per-node {saved}; plain python for 1), or use another checkpoint_dir. "
+            f"Nothing was overwritten.")
+
+
 def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, steps: int | None = None,
              epochs: int | None = None, lr: float = 0.01, optimizer: str | Callable = "sgd",
              batch_size: int = 32, weight_decay: float = 5e-5, momentum: float = 0.9,
@@ -224,6 +243,8 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         raise TypeError(f"train_statistics and keep_best must be True or False, got {train_statistics!r}, "
                         f"{keep_best!r}")
     names = select_trainable(model, trainable)
+    ranks = Ranks.current()
+    progress = progress and (ranks is None or ranks.main)  # rank 0 alone prints and writes
     with contextlib.ExitStack() as restore:  # every module's flag and requires_grad come back at the end
         restore.enter_context(preserved(model))
         if teacher is not None:
@@ -235,9 +256,11 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         frozen = [] if train_statistics else [m for _, m in running_statistics_layers(model) if m.training]
         for m in frozen:
             m.training = False  # population statistics, not updated; the module's children keep their mode
+        if ranks is not None and train_statistics:
+            restore.enter_context(synchronized(model))
         extra_settings = {"trainable": names if len(names) < len(list(model.parameters())) else "all",
                           "train_statistics": train_statistics, "keep_best": keep_best}
-        order = DataOrder(train_data, batch_size, seed)
+        order = DataOrder(train_data, batch_size, seed, ranks=ranks)
         if order.dataset is not None and len(order.dataset) < batch_size:
             warnings.warn(f"batch_size={batch_size} is larger than the {len(order.dataset)} training samples: every "
                           f"step uses all {len(order.dataset)} of them (one step per epoch); use a smaller "
@@ -255,6 +278,8 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                     "weight_decay": weight_decay, "momentum": momentum, "warmup_steps": warmup_steps,
                     "temperature": temperature, "label_weight": label_weight, "feature_weight": feature_weight,
                     **extra_settings}
+        if ranks is not None:
+            settings["world_size"] = ranks.world  # (absent in one process: older checkpoints still match)
         if feature_weight < 0 or (feature_weight > 0 and teacher is None):
             raise ValueError(f"feature_weight must be ≥ 0 and needs teacher= when > 0, got {feature_weight}")
         matcher = FeatureMatcher(model, teacher) if feature_weight > 0 else None
@@ -269,6 +294,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                 raise FileExistsError(f"{directory} already holds a fine-tuning checkpoint and resume=False: move it "
                                       f"away or choose another checkpoint_dir (nothing was overwritten)")
             before = saved["fingerprint"]
+            _refuse_other_world(before["settings"].get("world_size", 1), ranks.world if ranks else 1, directory)
             if before.get("teacher") != fingerprint["teacher"]:
                 raise ValueError(f"the checkpoint in {directory} was trained against another teacher (its weights "
                                  f"differ: digest {before.get('teacher')} then, {fingerprint['teacher']} now); "
@@ -300,14 +326,18 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         def checkpoint() -> None:
             if directory is None:
                 return
-            save_checkpoint(directory, {"fingerprint": fingerprint, "model": model.state_dict(),
-                                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                        "step": step, "epoch": epoch, "position": position, "clocks": clocks,
-                                        "epoch_rng": epoch_rng, "rng": rng_state(), "history": list(history),
-                                        "best": best.state_dict() if best is not None else None})
-            history.save(directory / "history")
+            if ranks is None or ranks.main:
+                save_checkpoint(directory, {"fingerprint": fingerprint, "model": model.state_dict(),
+                                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                            "step": step, "epoch": epoch, "position": position, "clocks": clocks,
+                                            "epoch_rng": epoch_rng, "rng": rng_state(), "history": list(history),
+                                            "best": best.state_dict() if best is not None else None})
+                history.save(directory / "history")
+            if ranks is not None:
+                ranks.barrier()  # no rank goes on (and perhaps resumes from the folder) before it is written
 
         route, device = router(model), device_of(model)
+        net = ranks.ddp(model) if ranks is not None else model  # DDP after a resume: every rank loaded it
         teacher_cache: dict = {}
 
         def evaluation() -> None:
@@ -350,7 +380,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                     with route(d):
                         if matcher is not None:
                             matcher.clear()
-                        out = model(x)
+                        out = net(x)
                         terms = []
                         if mode in ("distill", "both"):
                             with torch.no_grad():
@@ -386,6 +416,8 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                     window["samples"] += x.shape[0]
                     window["wall"] += wall
                     out_of_time = max_seconds is not None and clocks[clock] >= max_seconds
+                    if ranks is not None and max_seconds is not None:
+                        out_of_time = ranks.any(out_of_time)  # every rank stops at the same step
                     if by_time:  # the time budget advances every step, however slow the steps
                         bar.update_to(min(round(clocks[clock]), round(max_seconds)), step=step)
                     if step % log_every == 0 or step == steps or out_of_time:
@@ -420,7 +452,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
             if best is not None and best.step != step:
                 best.restore(model)
                 history.append({"step": step, "restored_best_step": best.step, f"best_{best.metric}": best.score[0]})
-                if directory is not None:
+                if directory is not None and (ranks is None or ranks.main):
                     history.save(directory / "history")
         finally:
             bar.close()

@@ -18,16 +18,25 @@ A layer whose running statistics are derived from other state (Memorized BN mirr
 memory into them) implements ``begin_recalibration()`` and ``end_recalibration(completed)``:
 it accumulates its own population statistics over the forwards in between and owns all its
 buffers (they are not restored here).
+
+Under torchrun (a process group of 2 or more ranks) the model's layers are synchronized for the
+recalibration (``normsurgeon.sync_statistics``, in place, undone at the end): every batch statistic
+is over all ranks' batches, so the population statistics are over all ranks' data and the same on
+every rank. Every rank must then read the same number of batches (e.g. a DistributedSampler shard).
+A model that still has torch's or timm's BatchNorms is recalibrated per rank, with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+import warnings
 
 import torch
 from torch import nn
 
 from ..model_state import device_of, preserved, running_statistics_layers
+from ..distributed.sync import synced_layers
 from .batches import check_inputs
 from ..domains.routing import router
 from .finetune import split_batch
@@ -56,7 +65,8 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
     owned |= {id(b) for m in protocol for b in m.buffers(recurse=False)}
     before = [(m, m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in layers]
     route, device = router(model), device_of(model)
-    with preserved(model, buffers=True, keep=owned):  # flags, cross-iteration windows, counters: as they were
+    # flags, cross-iteration windows, counters: as they were
+    with _over_every_rank(model), preserved(model, buffers=True, keep=owned):
         for m in protocol:
             m.begin_recalibration()  # snapshots its state before the reset below
         for m in layers:
@@ -74,7 +84,7 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
             for batch in itertools.islice([data] if isinstance(data, torch.Tensor) else data, num_batches):
                 x, _, d = split_batch(batch)
                 x = check_inputs(x, "recalibrate_bn")
-                if x.shape[0] < 2:
+                if x.shape[0] < 2 and not synced_layers(model):  # (synced: the layers check all ranks' count)
                     raise ValueError(f"recalibrate_bn: a batch of {x.shape[0]} sample; batch statistics need ≥ 2 "
                                      f"samples per batch")
                 with route(d):
@@ -94,3 +104,20 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
                     m.running_mean.copy_(torch.where(unseen, mean, m.running_mean))
                     m.running_var.copy_(torch.where(unseen, var, m.running_var))
     return model
+
+
+def _over_every_rank(model: nn.Module):
+    """Synchronized layers for the block under torchrun; a no-op in one process."""
+    from ..distributed.ranks import Ranks
+    from ..distributed.sync import _unsupported, synchronized
+
+    if Ranks.current() is None:
+        return contextlib.nullcontext()
+    left = _unsupported(model)
+    if left:
+        warnings.warn(f"recalibrate_bn under {Ranks.current().world} processes: {len(left)} layer(s) such as "
+                      f"{left[0]} are torch/timm BatchNorms, so every rank recalibrates on its own data only. "
+                      f"Convert them with normsurgeon.convert(model, to='bn') to recalibrate over every rank.",
+                      UserWarning, stacklevel=3)
+        return contextlib.nullcontext()
+    return synchronized(model)
