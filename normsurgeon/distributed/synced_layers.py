@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..layers.base import elements_per_channel
-from ..layers.batch_group_norm import (BatchGroupNorm, InstanceEnhancementBatchNorm, _running_factor,
-                                       _update_running, _uses_batch_statistics)
+from ..layers.batch_group_norm import BatchGroupNorm, InstanceEnhancementBatchNorm
+from ..layers.running_statistics import running_factor, update_running, uses_batch_statistics
 from ..layers.batch_norm import BatchNorm
 from ..layers.domain_batch_norm import DomainSpecificBatchNorm
 from .moments import require_process_group, synced_moments
@@ -81,8 +81,8 @@ def synced_batch_norm(layer: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -
     n, c = x.shape[:2]
     mean, var, total = synced_moments(layer._group(), _rows(work, c))
     layer._need_two(float(total[0]), x)
-    factor = _running_factor(layer, x)
-    _update_running(layer, mean[0].detach(), var[0].detach(), float(total[0]), factor)
+    factor = running_factor(layer, x)
+    update_running(layer, mean[0].detach(), var[0].detach(), float(total[0]), factor)
     weight, bias = layer.weight, layer.bias
     if weight is not None and weight.dtype != work.dtype:
         weight, bias = weight.to(work.dtype), bias.to(work.dtype)
@@ -93,7 +93,7 @@ class SyncedBatchNorm(SyncedStatistics, BatchNorm):
     """``BatchNorm`` with batch statistics over every rank of ``process_group``."""
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if not _uses_batch_statistics(self) or x.device.type == "meta":
+        if not uses_batch_statistics(self) or x.device.type == "meta":
             return super()._normalize(x)
         self._check_input_dim(x)
         return synced_batch_norm(self, x)
@@ -103,15 +103,15 @@ class SyncedBatchGroupNorm(SyncedStatistics, BatchGroupNorm):
     """``BatchGroupNorm`` with group statistics over every rank of ``process_group``."""
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if not _uses_batch_statistics(self) or x.device.type == "meta":
+        if not uses_batch_statistics(self) or x.device.type == "meta":
             return super()._normalize(x)
         self._check_input_dim(x)
         work = _work(x)
         n, c, g = x.shape[0], self.num_channels, self.num_groups
         mean, var, total = synced_moments(self._group(), _rows(work, g))
         self._need_two(float(total[0]), x)
-        factor = _running_factor(self, x)
-        _update_running(self, mean[0].detach(), var[0].detach(), float(total[0]), factor)
+        factor = running_factor(self, x)
+        update_running(self, mean[0].detach(), var[0].detach(), float(total[0]), factor)
         weight, bias = self.weight, self.bias
         if weight is not None and weight.dtype != work.dtype:
             weight, bias = weight.to(work.dtype), bias.to(work.dtype)
@@ -124,7 +124,7 @@ class SyncedInstanceEnhancementBatchNorm(SyncedStatistics, InstanceEnhancementBa
     """``InstanceEnhancementBatchNorm``: BN statistics over every rank, the per-sample gate local."""
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if not _uses_batch_statistics(self) or x.device.type == "meta":
+        if not uses_batch_statistics(self) or x.device.type == "meta":
             return super()._normalize(x)
         self._check_input_dim(x)
         work = _work(x)
@@ -132,8 +132,8 @@ class SyncedInstanceEnhancementBatchNorm(SyncedStatistics, InstanceEnhancementBa
         flat = _rows(work, c)
         mean, var, total = synced_moments(self._group(), flat)
         self._need_two(float(total[0]), x)
-        factor = _running_factor(self, x)
-        _update_running(self, mean[0].detach(), var[0].detach(), float(total[0]), factor)
+        factor = running_factor(self, x)
+        update_running(self, mean[0].detach(), var[0].detach(), float(total[0]), factor)
         params = [p if p.dtype == work.dtype else p.to(work.dtype) for p in
                   (self.weight, self.bias, self.attention_weight, self.attention_bias)]
         weight, bias, att_weight, att_bias = params

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..layers._conv_statistics import conv_geometry, weight_derivatives
-from ..layers.batch_group_norm import _running_factor, _update_running
+from ..layers.running_statistics import running_factor, update_running
 from ..layers.cross_iteration_bn import CrossIterationBatchNorm
 from ..layers.memorized_bn import MemorizedBatchNorm
 from .moments import synced_moments
@@ -71,8 +71,8 @@ class SyncedCrossIterationBatchNorm(SyncedStatistics, CrossIterationBatchNorm):
         spread = (past_var + (past_mean - mean).square()).t() @ valid
         var = (var_t + (mean_t - mean).square() + spread) / pool
         out = _affine_normalize(work, mean, var, weight, bias, self.eps).to(x.dtype)
-        factor = _running_factor(self, x)
-        _update_running(self, mean_t.detach(), var_t.detach(), count, factor)
+        factor = running_factor(self, x)
+        update_running(self, mean_t.detach(), var_t.detach(), count, factor)
         if torch.is_grad_enabled():
             self._synced_push(conv, conv_input, work, mean_t.detach(), var_t.detach(), count)
         return out
