@@ -131,26 +131,4 @@ class SyncedMemorizedBatchNorm(SyncedStatistics, MemorizedBatchNorm):
             out = _affine_normalize(work, mean_t, var_t, weight, bias, self.eps)
             self._push(mean_t.detach(), var_t.detach())
             return out.to(x.dtype)
-        with torch.no_grad():  # the pooled statistics, as MemorizedBatchNorm._normalize
-            past = slice(0, self.memory - 1)
-            valid = torch.cat([self.memory_valid.new_ones(1), self.memory_valid[past]]).to(work.dtype)
-            w = self._weights(valid)
-            w = (w / w.sum()).unsqueeze(1)
-            means = torch.cat([mean_t.detach().unsqueeze(0), self.memory_mean[past].to(work.dtype)])
-            variances = torch.cat([var_t.detach().unsqueeze(0), self.memory_var[past].to(work.dtype)])
-            mean = (w * means).sum(0)
-            var = (w * variances).sum(0) + (w * (means - mean).square()).sum(0)
-            inv = torch.rsqrt(var + self.eps)
-        inv_t = torch.rsqrt(var_t + self.eps)
-        r = (inv / inv_t).detach()
-        d = (mean_t.detach() - mean) * inv
-        scale = inv_t * r
-        shift = d - mean_t * scale
-        if weight is not None:
-            scale, shift = scale * weight, shift * weight
-        if bias is not None:
-            shift = shift + bias
-        view = (1, -1) + (1,) * (x.ndim - 2)
-        out = torch.addcmul(shift.view(view), work, scale.view(view)).to(x.dtype)
-        self._push(mean_t.detach(), var_t.detach())
-        return out
+        return self._normalize_with_memory(x, work, mean_t, var_t, weight, bias)

@@ -216,6 +216,12 @@ class MemorizedBatchNorm(StepHookClient, BatchNorm):
             out = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
             self._push(mean_t.detach(), var_t.detach())
             return out
+        return self._normalize_with_memory(x, work, mean_t, var_t, self.weight, self.bias)
+
+    def _normalize_with_memory(self, x: torch.Tensor, work: torch.Tensor, mean_t: torch.Tensor, var_t: torch.Tensor,
+                               weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """γ (x − μ̄)/σ̄ + β for x (N, C, *) in ``work``'s dtype, with (μ̄, σ̄²) pooled from the batch's
+        (μ_0, σ_0²) = (``mean_t``, ``var_t``), each (C,), and the memory; then the batch is pushed."""
         with torch.no_grad():
             past = slice(0, self.memory - 1)  # the k − 1 newest entries play j = 1..k−1
             valid = torch.cat([self.memory_valid.new_ones(1), self.memory_valid[past]]).to(work.dtype)
@@ -233,10 +239,10 @@ class MemorizedBatchNorm(StepHookClient, BatchNorm):
         d = (mean_t.detach() - mean) * inv
         scale = inv_t * r
         shift = d - mean_t * scale
-        if self.weight is not None:
-            scale, shift = scale * self.weight, shift * self.weight
-        if self.bias is not None:
-            shift = shift + self.bias
+        if weight is not None:
+            scale, shift = scale * weight, shift * weight
+        if bias is not None:
+            shift = shift + bias
         view = (1, -1) + (1,) * (x.ndim - 2)
         out = torch.addcmul(shift.view(view), work, scale.view(view)).to(x.dtype)
         self._push(mean_t.detach(), var_t.detach())
