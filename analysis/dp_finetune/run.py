@@ -143,7 +143,7 @@ def table(summary) -> str:
 
 
 def plot(frame, path: str) -> None:
-    accuracy_figure(frame, ROWS, path, f"DP-SGD fine-tuning of EfficientNet-Lite0 (norm + head), ε = {EPSILON:g}, "
+    accuracy_figure(frame, ROWS, path, f"DP-SGD, Lite0 norm + head, ε = {EPSILON:g}, "
                     f"δ = {DELTA:g}: test accuracy, mean ± sd", size=(8, 4))
 
 
