@@ -1,6 +1,6 @@
 """Wall time of ``normsurgeon.convert`` / ``normsurgeon.plan`` and where it goes.
 
-    .venv/bin/python benchmarks/bench_convert.py                      # resnet50 + efficientnet_b0; gn, bn, pn
+    .venv/bin/python benchmarks/bench_convert.py                      # resnet50 + efficientnet_b0; every target
     .venv/bin/python benchmarks/bench_convert.py --models resnet50 --targets gn,pn --repeats 9
 
 Every (model, target) pair is converted once as a warm-up, then ``--repeats`` times; the
@@ -13,7 +13,8 @@ timers (a few wrapped calls per conversion, microseconds of overhead):
   find      the module walk that finds the norm sites (sites.find_sites)
   trace     torch.fx tracing with progressive leafing (tracing.trace)
   graph     call counts / functional norms from the graph (sites._annotate_with_graph)
-  probe     one forward on meta tensors recording input shapes (probe.meta_forward)
+  probe     one forward on meta tensors recording input shapes (probe.meta_forward; the norm
+            sites pass their input through, so it costs the rest of the model)
   functional  functional norm calls made sites: their modules traced alone (functional_sites)
   context   the graph context the targets ask for: eval-mode trace, pairings, shortcuts,
             producers (pipeline._contexts)
@@ -50,7 +51,9 @@ from machine import add_threads_argument, apply_threads, cpu_model  # noqa: E402
 convert_mod = importlib.import_module("normsurgeon.surgery.pipeline")
 sites_mod = importlib.import_module("normsurgeon.surgery.sites")
 
-FLOOR_S = 0.5  # a conversion should take less than this
+FLOOR_S = 0.25  # every conversion should take at most this (issue 15: ResNet-50 and EfficientNet-B0, quiet machine)
+# Targets that need an option to build (the same choices as tests/test_matrix.py).
+OPTIONS = {"bgn": {"num_groups": "auto", "batch_size": 2}, "dsbn": {"domains": 3}}
 STAGES = ("deepcopy", "find", "trace", "graph", "probe", "functional", "context", "build", "verify", "install",
           "finalize")
 
@@ -137,7 +140,7 @@ def run_once(fn, model, target):
         warnings.simplefilter("always")
         gc.collect()
         t0 = time.perf_counter()
-        result = fn(model, to=target)
+        result = fn(model, to=target, **OPTIONS.get(target, {}))
         total = time.perf_counter() - t0
     return total, times, result, [str(w.message) for w in caught]
 
@@ -157,9 +160,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet50,efficientnet_b0",
                    help="comma-separated timm model names (created with pretrained=False)")
-    p.add_argument("--targets", default="gn,bn,pn",
-                   help="comma-separated target names, or 'all' for every registered target "
-                        "(default: gn,bn,pn)")
+    p.add_argument("--targets", default="all",
+                   help="comma-separated target names, or 'all' for every registered target (default)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per (model, target), >= 1")
     p.add_argument("--no-plan", action="store_true", help="skip timing normsurgeon.plan")
     add_threads_argument(p)
@@ -176,7 +178,7 @@ def main(argv=None) -> int:
     import timm
     header("normsurgeon.convert / plan wall time")
     print(f"# models: {', '.join(models)} | targets: {', '.join(targets)} | "
-          f"median of {args.repeats} repeat(s) after 1 warm-up | floor: convert < {FLOOR_S} s\n")
+          f"median of {args.repeats} repeat(s) after 1 warm-up | floor: convert <= {FLOOR_S} s\n")
 
     summary_rows, stage_rows, notes = [], [], []
     all_ok = True
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
         for t in targets:
             conv = samples[(t, "convert")]
             med = statistics.median(s for s, _ in conv)
-            ok = med < FLOOR_S
+            ok = med <= FLOOR_S
             all_ok &= ok
             plan_med = None if args.no_plan else statistics.median(s for s, _ in samples[(t, "plan")])
             summary_rows.append([name, t, info[(t, "convert")], f"{med * 1e3:.0f}",
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
         del model
 
     print()
-    print(table(["model", "target", "sites", "convert ms", "min ms", "plan ms", f"<{FLOOR_S}s"],
+    print(table(["model", "target", "sites", "convert ms", "min ms", "plan ms", f"<={FLOOR_S}s"],
                 summary_rows, right={2, 3, 4, 5}))
     print("\nwhere convert's time goes (median ms per stage over the same repeats):")
     print(table(["model", "target"] + list(STAGES) + ["other", "total"], stage_rows,
@@ -227,7 +229,7 @@ def main(argv=None) -> int:
     print("\nsites = converted/all normalization sites; analyze = find + trace + graph + probe")
     if notes:
         print("\n" + "\n".join(dict.fromkeys(notes)))
-    print(f"\nfloor (every conversion < {FLOOR_S} s): {'met' if all_ok else 'NOT met'}")
+    print(f"\nfloor (every conversion <= {FLOOR_S} s): {'met' if all_ok else 'NOT met'}")
     return 0
 
 

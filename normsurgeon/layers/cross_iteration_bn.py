@@ -324,9 +324,12 @@ class _WindowNorm(torch.autograd.Function):
         var_t = centered.square().mean(dim=(0, 2, 3))
         # pooled over the batch and the valid entries (valid: 0/1, n = 1 + their number):
         # μ̄ = (μ_t + Σ μ_i)/n,  σ̄² = (σ²_t + (μ_t − μ̄)² + Σ σ²_i + (μ_i − μ̄)²)/n
-        mean = torch.addmv(mean_t, past_mean.t(), valid).div_(n)
+        # (masked sums over the k − 1 entries rather than addmv: the same on a device, and on meta
+        # tensors, where convert checks the layer, addmv's shape rule is several times slower)
+        valid = valid.unsqueeze(1)
+        mean = (past_mean * valid).sum(0).add_(mean_t).div_(n)
         spread = (past_mean - mean).square_().add_(past_var)
-        var = torch.addmv((mean_t - mean).square_().add_(var_t), spread.t(), valid).div_(n)
+        var = (spread * valid).sum(0).add_((mean_t - mean).square_()).add_(var_t).div_(n)
         shift = mean - mean_t  # c − shift = x − μ̄
         out = torch.batch_norm(centered, weight, bias, shift, var, False, 0.0, eps, False)
         # for the backward: BatchNorm's weight γ/n and the coefficient (1 − 1/n)·γs of g

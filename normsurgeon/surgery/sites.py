@@ -116,10 +116,10 @@ def analyze(model: nn.Module, input_size: tuple[int, ...] | None = None,
         size = tuple(input_size) if input_size else default_input_size(model)
         example = torch.zeros((2,) + size)
         watch = {n: s.module for s in sites for n in s.names}
-        shapes = meta_forward(model, example, watch, train=False)
+        shapes = meta_forward(model, example, watch, train=False, shape_preserving=True)
         missed = {n: m for n, m in watch.items() if n not in shapes.shapes}
         if missed and not shapes.error:  # train-only branches (auxiliary heads): probe them too
-            extra = meta_forward(model, example, missed, train=True)
+            extra = meta_forward(model, example, missed, train=True, shape_preserving=True)
             shapes.shapes.update(extra.shapes)
         for site in sites:
             for n in site.names:
