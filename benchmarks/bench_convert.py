@@ -13,8 +13,8 @@ timers (a few wrapped calls per conversion, microseconds of overhead):
   find      the module walk that finds the norm sites (sites.find_sites)
   trace     torch.fx tracing with progressive leafing (tracing.trace)
   graph     call counts / functional norms from the graph (sites._annotate_with_graph)
-  probe     one forward on meta tensors recording input shapes (probe.meta_forward; the norm
-            sites pass their input through, so it costs the rest of the model)
+  probe     one forward on meta tensors recording input shapes (probe.meta_forward; norm sites
+            run once per computation and input shape, repeats reuse the shape)
   functional  functional norm calls made sites: their modules traced alone (functional_sites)
   context   the graph context the targets ask for: eval-mode trace, pairings, shortcuts,
             producers (pipeline._contexts)
@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import normsurgeon  # noqa: E402
 from machine import add_threads_argument, apply_threads, cpu_model  # noqa: E402  (benchmarks/machine.py)
 convert_mod = importlib.import_module("normsurgeon.surgery.pipeline")
-sites_mod = importlib.import_module("normsurgeon.surgery.sites")
+sites_mod = importlib.import_module("normsurgeon.surgery.graph.sites")
 
 FLOOR_S = 0.25  # every conversion should take at most this (issue 15: ResNet-50 and EfficientNet-B0, quiet machine)
 # Targets that need an option to build (the same choices as tests/test_matrix.py).

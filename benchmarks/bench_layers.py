@@ -47,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import normsurgeon  # noqa: E402
 from machine import add_threads_argument, apply_threads, cpu_model  # noqa: E402  (benchmarks/machine.py)
-from normsurgeon.surgery.pairing import activation_context  # noqa: E402
-from normsurgeon.surgery.registry import SiteInfo, get_target  # noqa: E402
+from normsurgeon.surgery.graph.pairing import activation_context  # noqa: E402
+from normsurgeon.surgery.targets.registry import SiteInfo, get_target  # noqa: E402
 from normsurgeon.surgery.sources import match_source  # noqa: E402
 
 # What each target should be compared with (a native layer computing the same thing).

@@ -315,7 +315,7 @@ def test_register_target_with_a_toy_target():
         with pytest.raises(ValueError, match="already registered"):
             ns.register_target("scale_only", build, summary="again")
     finally:
-        ns.surgery.registry.unregister_target("scale_only")
+        ns.surgery.unregister_target("scale_only")
     assert "scale_only" not in ns.available_targets()
 
 

@@ -13,7 +13,8 @@ from torch import nn
 
 import normsurgeon as ns
 from normsurgeon.surgery import (Built, SiteInfo, SkipSite, SourceNorm, Transfer, get_target, register_target,
-                                 tracing, unregister_target)
+                                 unregister_target)
+from normsurgeon.surgery.graph import tracing
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -76,7 +76,7 @@ def test_functional_sites_convert_train_and_eval(to):
                for k in new.state_dict())
     for name in converted:
         child = new.get_submodule(name)
-        assert child is not None and not isinstance(child, ns.surgery.functional_sites.FunctionalNorm)
+        assert child is not None and not isinstance(child, ns.surgery.graph.functional_sites.FunctionalNorm)
     x = torch.randn(4, 3, 8, 8)
     new.train()
     out = new(x)

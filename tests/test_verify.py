@@ -1,8 +1,8 @@
 """convert's checks before install: each new module on meta tensors at the shapes of its site.
 
 Checks run once per distinct computation (class, settings, tensor shapes) and input shape; a
-layer's name (CBN's conv name) does not make it distinct, a setting does. The shape probe lets
-norm sites pass their input through, which must record the same shapes as running them.
+layer's name (CBN's conv name) does not make it distinct, a setting does. The shape probe runs norm
+sites once per computation and input shape, which must record the same shapes as running them all.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from torch import nn
 
 import normsurgeon as ns
 from normsurgeon.surgery import pipeline
-from normsurgeon.surgery.probe import meta_forward
-from normsurgeon.surgery.registry import Built, ConversionError, register_target, unregister_target
-from normsurgeon.surgery.sites import find_sites
+from normsurgeon.surgery.graph.probe import meta_forward
+from normsurgeon.surgery import Built, ConversionError, register_target, unregister_target
+from normsurgeon.surgery.graph.sites import find_sites
 
 
 class Picky(nn.Module):
@@ -86,14 +86,23 @@ def test_layers_that_differ_only_in_their_names_are_checked_once(monkeypatch):
 
 @pytest.mark.parametrize("name, size", [("resnet18", 64), ("efficientnet_b0", 64), ("convnext_atto", 64),
                                         ("vit_tiny_patch16_224", 224), ("regnetz_b16_evos", 64)])
-def test_passing_norms_through_records_the_shapes_of_running_them(name, size):
+def test_running_norms_once_per_shape_records_the_shapes_of_running_them_all(name, size):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = timm.create_model(name, pretrained=False)
     watch = {n: s.module for s in find_sites(model) for n in s.names}
     example = torch.zeros(2, 3, size, size)
     run = meta_forward(model, example, watch, train=False)
-    passed = meta_forward(model, example, watch, train=False, shape_preserving=True)
-    assert run.error is None and passed.error is None
-    assert len(run.shapes) == len(watch) and passed.shapes == run.shapes
-    assert all("forward" not in m.__dict__ for m in watch.values())  # the pass-through is removed
+    once = meta_forward(model, example, watch, train=False, once_per_shape=True)
+    assert run.error is None and once.error is None
+    assert len(run.shapes) == len(watch) and once.shapes == run.shapes
+    assert all("forward" not in m.__dict__ for m in watch.values())  # the wrapper is removed
+
+
+def test_a_norm_that_does_not_fit_the_probe_input_still_fails_the_probe():
+    """A model that starts with its norm has no conv to tell the input's channels: the probe's guess
+    (3 channels) fails at the norm, so verification is skipped with a warning, not wrongly failed."""
+    model = nn.Sequential(nn.BatchNorm2d(12), nn.ReLU())
+    with pytest.warns(UserWarning, match="could not be verified"):
+        new = ns.convert(model, to="gn", num_groups=3)
+    assert "the model does not run on meta tensors" in new.normsurgeon_report.verify

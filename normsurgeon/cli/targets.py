@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..surgery import available_targets, get_target
-    from ..surgery.registry import COMMON_OPTIONS
+    from ..surgery.targets.registry import COMMON_OPTIONS
 
     targets = available_targets()
     width = max(map(len, targets), default=0)

@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import layers
 from ..layers.domain_batch_norm import resolve_route
-from ..surgery.sites import find_sites
+from ..surgery.graph.sites import find_sites
 from ..surgery.sources import match_source
 from .remnants import FoldedAct, InstanceGate
 

@@ -37,9 +37,9 @@ from .. import layers
 from ..domains.routing import domain_layers, domains_of
 from ..layers.cross_iteration_bn import _ConvTap
 from ..model_state import preserved
-from ..surgery.probe import default_input_size, meta_forward
-from ..surgery.sites import Site, find_sites
-from ..surgery.tracing import trace
+from ..surgery.graph.probe import default_input_size, meta_forward
+from ..surgery.graph.sites import Site, find_sites
+from ..surgery.graph.tracing import trace
 from .affine import EvalAffine, batch_norms_in_training, eval_affine
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

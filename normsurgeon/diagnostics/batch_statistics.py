@@ -28,7 +28,7 @@ from torch import nn
 
 from .accumulators import chan_merge
 from ..model_state import preserved
-from ..surgery.sites import find_sites
+from ..surgery.graph.sites import find_sites
 from .hooks import attach_preactivation_hooks
 
 PATHOLOGICAL_D = 5.0

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..model_state import device_of, preserved
 from ..progress import Progress
-from ..surgery.sites import find_sites
+from ..surgery.graph.sites import find_sites
 from .recorder import LayerStatistics, Recorder
 from .report import DiagnosticsReport
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..surgery.sites import find_sites
+from ..surgery.graph.sites import find_sites
 
 
 def as_ncs(y: torch.Tensor, channels_last: bool) -> torch.Tensor:

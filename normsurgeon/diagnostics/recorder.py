@@ -1,6 +1,6 @@
 """Recording pre-activation statistics at every normalization site of a model.
 
-``Recorder(model)`` hooks each norm site found by ``surgery.sites.find_sites`` at its
+``Recorder(model)`` hooks each norm site found by ``surgery.graph.sites.find_sites`` at its
 *pre-activation* (``hooks.py``: after the norm's affine, before its activation, viewed as
 (N, C, S)) and feeds streaming ``InstanceMoments``;
 ``nonfinite[name]`` counts (instance, channel) pairs that held a NaN or inf. Hooks are
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..surgery.sites import find_sites
+from ..surgery.graph.sites import find_sites
 from .accumulators import InstanceMoments
 from .families import norm_family
 from .hooks import attach_preactivation_hooks

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import layers
-from ..surgery.probe import default_input_size
+from ..surgery.graph.probe import default_input_size
 
 MODES = ("hooks", "functorch", "ghost", "ew")
 BATCH_STATISTICS = (nn.modules.batchnorm._BatchNorm, layers.DomainSpecificBatchNorm)

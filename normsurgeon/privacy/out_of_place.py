@@ -29,9 +29,9 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ..model_state import preserved
-from ..surgery import forward_rewrite
-from ..surgery.probe import on_meta
-from ..surgery.tracing import failure_location, trace
+from ..surgery.graph import forward_rewrite
+from ..surgery.graph.probe import on_meta
+from ..surgery.graph.tracing import failure_location, trace
 from .dp_ready import NotDPReady
 
 _OUT_OF_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub,

@@ -1,20 +1,23 @@
 """Model surgery: tracing, site discovery, the target registry, rewriting and the report.
 
+Rooms: ``graph/`` (analyses of the model's graph: tracing, sites, shape probe, pairings, producers,
+shortcuts, functional norm calls, forward rewrites), ``targets/`` (the registry and the built-in
+targets), and the pipeline here (``pipeline``, ``sources``, ``transfer``, ``groups``, ``report``, ``persist``).
+
 The public extension API lives here: ``register_target`` / ``unregister_target`` with the types a
 builder takes and returns (``SourceNorm``, ``SiteInfo``, ``Built``, ``Transfer``, ``SkipSite``) and the
 graph contexts a target may ask for (``activation_context``, ``shortcut_context``,
 ``producer_context``, over a ``GraphContext``). See ``examples/custom_target.py``.
 """
-from . import (batch_group_targets, domain_targets, proxy_targets, standard_targets,  # noqa: F401
-               stateful_targets)  # (register the built-in targets)
-from .graph_context import GraphContext
-from .pairing import Pairing, activation_context
+from .graph.graph_context import GraphContext
+from .graph.pairing import Pairing, activation_context
+from .graph.producers import Producer, producer_context
+from .graph.shortcuts import shortcut_context
 from .pipeline import convert, plan
-from .producers import Producer, producer_context
-from .registry import (Built, ConversionError, SiteInfo, SkipSite, Target, available_targets, get_target,
-                       register_target, unregister_target)
 from .report import ConversionReport, SiteRow
-from .shortcuts import shortcut_context
+from .targets import batch_group, domain, proxy, standard, stateful  # noqa: F401  (register the built-in targets)
+from .targets.registry import (Built, ConversionError, SiteInfo, SkipSite, Target, available_targets, get_target,
+                               register_target, unregister_target)
 from .sources import SourceNorm, register_source
 from .transfer import Transfer
 

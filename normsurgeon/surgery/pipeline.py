@@ -22,13 +22,13 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .functional_sites import functional_sites
-from .graph_context import GraphContext
-from .probe import check_input_size, check_on_meta
-from .registry import Built, ConversionError, SiteInfo, SkipSite, get_target
+from .graph.functional_sites import functional_sites
+from .graph.graph_context import GraphContext
+from .graph.probe import check_input_size, check_on_meta, computation_key
+from .graph.sites import Analysis, Site, analyze
 from .report import ConversionReport, SiteRow
-from .sites import Analysis, Site, analyze
 from .sources import UnsupportedSource
+from .targets.registry import Built, ConversionError, SiteInfo, SkipSite, get_target
 
 Patterns = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
 
@@ -168,7 +168,7 @@ def _verify(builds: list, analysis: Analysis) -> str:
     done: dict[tuple, str | None] = {}
     checked = 0
     for site, built, target in builds:
-        computation = _computation_key(built.module)
+        computation = computation_key(built.module)
         for io in set(site.io_shapes):
             key = (computation, io)
             if key not in done:
@@ -181,27 +181,6 @@ def _verify(builds: list, analysis: Analysis) -> str:
     unprobed = sum(1 for site, _, _ in builds if not site.io_shapes)
     text = f"{checked} call(s) checked on meta tensors ({len(done)} distinct)"
     return text + (f"; {unprobed} site(s) not reached by the probe forward" if unprobed else "")
-
-
-def _computation_key(module: nn.Module) -> tuple:
-    """What a module computes, up to the values in its tensors, so that each distinct meta check runs
-    once: per submodule its class, its settings (every scalar attribute except ``*_name`` ones, which
-    say where a layer sits, e.g. CBN's ``conv_name``) and the shape and dtype of each tensor it holds."""
-    parts = []
-    for name, part in module.named_modules():
-        settings, tensors = [], []
-        for key, value in sorted(vars(part).items()):
-            if key.endswith("_name") or key in ("_modules", "_parameters", "_buffers"):
-                continue
-            if isinstance(value, (bool, int, float, str, type(None))) or \
-                    (isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value)):
-                settings.append((key, value))
-            elif isinstance(value, torch.Tensor):
-                tensors.append((key, tuple(value.shape), value.dtype))
-        for store in (part._parameters, part._buffers):
-            tensors += [(key, tuple(t.shape), t.dtype) for key, t in store.items() if t is not None]
-        parts.append((name, type(part), tuple(settings), tuple(tensors)))
-    return tuple(parts)
 
 
 def _check_model(model) -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..diagnostics.hooks import as_ncs, attach_preactivation_hooks
-from ..surgery.sites import find_sites
+from ..surgery.graph.sites import find_sites
 from ..model_state import device_of, preserved
 from .batches import input_batches
 

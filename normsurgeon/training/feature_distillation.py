@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..diagnostics.hooks import attach_preactivation_hooks
-from ..surgery.sites import find_sites
+from ..surgery.graph.sites import find_sites
 
 
 class FeatureMatcher:

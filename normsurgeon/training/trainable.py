@@ -2,7 +2,7 @@
 
 Named selections (combine with "+", e.g. ``"norm+head"``):
 - ``"all"``: every parameter that requires grad (the default);
-- ``"norm"``: the parameters of every normalization site (``surgery.sites.find_sites``: the
+- ``"norm"``: the parameters of every normalization site (``surgery.graph.sites.find_sites``: the
   norm modules and what they own: γ, β, Proxy Norm's γ̃, β̃, IEBN's gate);
 - ``"head"``: the classifier: ``model.get_classifier()`` for timm models, else the last
   ``nn.Linear`` in module order (torchvision's ``fc`` / ``classifier[-1]`` / ``heads.head``).
@@ -24,7 +24,7 @@ SELECTIONS = ("all", "norm", "head")
 
 
 def _norm_names(model: nn.Module) -> set[str]:
-    from ..surgery.sites import find_sites
+    from ..surgery.graph.sites import find_sites
 
     names = set()
     for site in find_sites(model):

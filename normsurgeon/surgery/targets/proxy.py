@@ -17,15 +17,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import layers
-from . import forward_rewrite
-from .groups import resolve_groups
-from .pairing import activation_context, apply_plan, pairings_and_plans
-from .probe import meta_forward
+from ... import layers
+from ..graph import forward_rewrite
+from ..graph.pairing import activation_context, apply_plan, pairings_and_plans
+from ..graph.probe import meta_forward
+from ..groups import resolve_groups
+from ..sources import SourceNorm
+from ..transfer import Transfer
 from .registry import ConversionError, SiteInfo, SkipSite, register_target
-from .sources import SourceNorm
-from .standard_targets import build_gn, build_ln
-from .transfer import Transfer
+from .standard import build_gn, build_ln
 
 PROXY_OPTIONS = ("proxy_eps", "proxy_points")
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import layers
-from .groups import resolve_groups
+from ... import layers
+from ..groups import resolve_groups
+from ..sources import SourceNorm
+from ..transfer import Transfer
 from .registry import SiteInfo, SkipSite, register_target
-from .sources import SourceNorm
-from .transfer import Transfer
 
 
 def _common(source: SourceNorm, options: dict) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from ..layers._conv_statistics import supported_conv
+from ...layers._conv_statistics import supported_conv
 
 
 @dataclass

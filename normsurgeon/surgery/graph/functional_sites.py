@@ -23,9 +23,9 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from ..sources import Match, SourceNorm, UnsupportedSource
 from . import forward_rewrite
 from .sites import FUNCTIONAL_NORMS, Site
-from .sources import Match, SourceNorm, UnsupportedSource
 from .tracing import trace
 
 _PARAMETERS = {  # positional parameter names and defaults of each handled function

@@ -18,12 +18,12 @@ about once.
 """
 from __future__ import annotations
 
-from .. import layers
-from .producers import Producer, producer_context
+from ... import layers
+from ..graph.producers import Producer, producer_context
+from ..sources import SourceNorm
+from ..transfer import Transfer
 from .registry import SiteInfo, SkipSite, register_target
-from .sources import SourceNorm
-from .standard_targets import build_bn
-from .transfer import Transfer
+from .standard import build_bn
 
 HOOK_NOTE = ("needs normsurgeon.after_step(model, inputs) after every optimizer step "
              "(normsurgeon.finetune calls it)")

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from .sources import match_source
-from ..model_state import preserved
+from ...model_state import preserved
+from ..sources import match_source
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MAX_LEAF_RETRIES = 32

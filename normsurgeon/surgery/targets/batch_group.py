@@ -19,12 +19,12 @@ import math
 
 import torch
 
-from .. import layers
+from ... import layers
+from ..graph.shortcuts import shortcut_context
+from ..sources import SourceNorm
+from ..transfer import Transfer, group_statistics
 from .registry import SiteInfo, SkipSite, register_target
-from .shortcuts import shortcut_context
-from .sources import SourceNorm
-from .standard_targets import build_bn
-from .transfer import Transfer, group_statistics
+from .standard import build_bn
 
 REFERENCE_BATCH = 32
 

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..sources import Match, match_source
 from .probe import ProbeResult, default_input_size, meta_forward
-from .sources import Match, match_source
 from .tracing import TraceResult, trace
 
 FUNCTIONAL_NORMS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, torch.batch_norm,
@@ -116,10 +116,10 @@ def analyze(model: nn.Module, input_size: tuple[int, ...] | None = None,
         size = tuple(input_size) if input_size else default_input_size(model)
         example = torch.zeros((2,) + size)
         watch = {n: s.module for s in sites for n in s.names}
-        shapes = meta_forward(model, example, watch, train=False, shape_preserving=True)
+        shapes = meta_forward(model, example, watch, train=False, once_per_shape=True)
         missed = {n: m for n, m in watch.items() if n not in shapes.shapes}
         if missed and not shapes.error:  # train-only branches (auxiliary heads): probe them too
-            extra = meta_forward(model, example, missed, train=True, shape_preserving=True)
+            extra = meta_forward(model, example, missed, train=True, once_per_shape=True)
             shapes.shapes.update(extra.shapes)
         for site in sites:
             for n in site.names:

@@ -12,11 +12,11 @@ batch sets its statistics.
 """
 from __future__ import annotations
 
-from .. import layers
-from ..layers.domain_batch_norm import domain_names
+from ... import layers
+from ...layers.domain_batch_norm import domain_names
+from ..sources import SourceNorm
+from ..transfer import Transfer
 from .registry import SiteInfo, register_target
-from .sources import SourceNorm
-from .transfer import Transfer
 
 
 def build_dsbn(source: SourceNorm, site: SiteInfo, options: dict):
