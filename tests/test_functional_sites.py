@@ -120,3 +120,26 @@ def test_functional_sites_save_load_round_trip(tmp_path):
         new.train(train), again.train(train)
         torch.testing.assert_close(again(x), new(x))
     assert again.state_dict().keys() == new.state_dict().keys()
+
+
+def test_functional_sites_get_the_shapes_of_their_calls_and_are_checked():
+    """The owner's input from the whole-model probe, its graph run on meta: each call's own shapes
+    (here the channels-last layer_norm sees (N, H, W, C) = (2, 4, 6, 8) for a 3 × 4 × 6 input)."""
+    new = ns.convert(Net(), to="gn", num_groups=2, input_size=(3, 4, 6))
+    rows = {r.name: r for r in new.normsurgeon_report.rows}
+    assert rows["block.batch_norm_0"].input_shape == (2, 8, 4, 6)
+    assert rows["block.group_norm_0"].input_shape == (2, 8, 4, 6)
+    assert rows["layer_norm_0"].input_shape == (2, 4, 6, 8)
+    assert new.normsurgeon_report.verify.startswith("3 call(s) checked on meta tensors")
+
+
+def test_a_new_module_that_does_not_fit_a_functional_site_stops_the_conversion():
+    from normsurgeon.surgery import Built, ConversionError, register_target, unregister_target
+    register_target("toy_nine", lambda source, site, options: Built(nn.GroupNorm(1, 9)), summary="9 channels")
+    try:
+        model = Net()
+        with pytest.raises(ConversionError, match=r"at 'block.batch_norm_0' does not fit its call site"):
+            ns.convert(model, to="toy_nine", inplace=True, input_size=(3, 8, 8))
+        assert "forward" not in model.block.__dict__ and not hasattr(model.block, "batch_norm_0")
+    finally:
+        unregister_target("toy_nine")

@@ -93,7 +93,7 @@ def test_running_norms_once_per_shape_records_the_shapes_of_running_them_all(nam
     watch = {n: s.module for s in find_sites(model) for n in s.names}
     example = torch.zeros(2, 3, size, size)
     run = meta_forward(model, example, watch, train=False)
-    once = meta_forward(model, example, watch, train=False, once_per_shape=True)
+    once = meta_forward(model, example, watch, train=False, once_per_shape=watch.values())
     assert run.error is None and once.error is None
     assert len(run.shapes) == len(watch) and once.shapes == run.shapes
     assert all("forward" not in m.__dict__ for m in watch.values())  # the wrapper is removed
@@ -106,3 +106,19 @@ def test_a_norm_that_does_not_fit_the_probe_input_still_fails_the_probe():
     with pytest.warns(UserWarning, match="could not be verified"):
         new = ns.convert(model, to="gn", num_groups=3)
     assert "the model does not run on meta tensors" in new.normsurgeon_report.verify
+
+
+def test_the_probe_runs_each_kind_of_norm_once_per_input_shape(monkeypatch):
+    """resnet18's 20 BatchNorms are 8 kinds × input shapes (channels and resolution go together)."""
+    model = timm.create_model("resnet18", pretrained=False)
+    watch = {n: s.module for s in find_sites(model) for n in s.names}
+    calls = []
+    original = torch.nn.functional.batch_norm
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", counting)
+    meta_forward(model, torch.zeros(2, 3, 64, 64), watch, once_per_shape=watch.values())
+    assert len(watch) == 20 and len(calls) == len(set(calls)) < 20

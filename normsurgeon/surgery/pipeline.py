@@ -236,7 +236,7 @@ def _run(model, to, include, exclude, overrides, input_size, options, dry_run, i
     work = model if inplace else copy.deepcopy(model)
     analysis = analyze(work, input_size)
     module_sites = [s.name for s in analysis.sites if s.match.reader]
-    calls, analysis.functional = functional_sites(work, analysis.functional)  # F.layer_norm & co.: sites too
+    calls, analysis.functional = functional_sites(work, analysis.functional, analysis.probe)  # F.layer_norm & co.: sites too
     analysis.sites += calls
     _warn_unmatched(include, analysis.sites, "include")
     _warn_unmatched(exclude, analysis.sites, "exclude")

@@ -10,7 +10,9 @@ the rewritten forward (``forward_rewrite.py``). The owner keeps its class and ev
 (its own tensors stay, unused by the new forward); the new norm's tensors live in the child, so a
 converted checkpoint reloads into ``convert(fresh_model, same recipe)``.
 
-Handled: ``F.batch_norm``, ``F.instance_norm``, ``F.group_norm``, ``F.layer_norm`` and
+Each site gets the shapes of its call for convert's checks: the owner's input from the whole-model probe,
+then its eval graph run on meta tensors. proxy_* targets make plain GroupNorms here (no activation
+pairing for a call). Handled: ``F.batch_norm``, ``F.instance_norm``, ``F.group_norm``, ``F.layer_norm`` and
 ``torch.layer_norm`` over one (channel) axis. Other calls (``F.rms_norm``, a weight computed in
 forward, an owner forward with several inputs) are sites reported as unsupported, with why.
 """
@@ -24,8 +26,10 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ..sources import Match, SourceNorm, UnsupportedSource
+from ...model_state import preserved
 from . import forward_rewrite
-from .sites import FUNCTIONAL_NORMS, Site
+from .probe import ProbeResult, on_meta
+from .sites import FUNCTIONAL_NORMS, OWNER_PREFIX, Site
 from .tracing import trace
 
 _PARAMETERS = {  # positional parameter names and defaults of each handled function
@@ -127,9 +131,37 @@ class FunctionalSite(Site):
             delattr(self.owner_state.module, self.child)
 
 
-def functional_sites(model: nn.Module, functional: list[dict]) -> tuple[list[Site], list[dict]]:
+def _probe_calls(owner: nn.Module, graph: fx.Graph, calls: list[fx.Node],
+                 input_shapes: set[tuple[int, ...]]) -> dict[int, list[tuple]]:
+    """(input shape, output shape) of each call in ``calls`` (by index), for every input shape the
+    whole-model probe saw ``owner`` take: its eval graph interpreted on meta tensors."""
+    index = {node: i for i, node in enumerate(calls)}
+    seen: dict[int, list[tuple]] = {}
+
+    class Recording(fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if node in index:
+                args, kwargs = self.fetch_args_kwargs_from_env(node)
+                x = args[0] if args else kwargs["input"]
+                seen.setdefault(index[node], []).append((tuple(x.shape), tuple(out.shape)))
+            return out
+
+    for shape in input_shapes:
+        try:
+            with preserved(owner), torch.no_grad(), on_meta(owner):
+                owner.eval()
+                Recording(owner, graph=graph).run(torch.empty(shape, device="meta"))
+        except Exception:  # noqa: BLE001  (the call's shapes stay unknown: verify says so)
+            continue
+    return seen
+
+
+def functional_sites(model: nn.Module, functional: list[dict],
+                     probe: ProbeResult | None = None) -> tuple[list[Site], list[dict]]:
     """Sites for the functional norm calls ``analyze`` found (dicts naming the owner ``module``), and
-    the calls that cannot be sites, each with its ``reason`` (the owner cannot be rewritten)."""
+    the calls that cannot be sites, each with its ``reason`` (the owner cannot be rewritten). With the
+    whole-model ``probe``, each site gets the shapes its call saw, for convert's checks."""
     owners: dict[str, list[dict]] = {}
     for call in functional:
         owners.setdefault(call["module"], []).append(call)
@@ -150,6 +182,8 @@ def functional_sites(model: nn.Module, functional: list[dict]) -> tuple[list[Sit
             continue
         state = _Owner(owner, {m: t.graph for m, t in traced.items()},
                        [{True: a, False: b} for a, b in zip(nodes[True], nodes[False])])
+        owner_inputs = {io[0] for io in (probe.shapes.get(OWNER_PREFIX + owner_name, []) if probe else [])}
+        io_shapes = _probe_calls(owner, traced[False].graph, nodes[False], owner_inputs)
         counts: dict[str, int] = {}
         for index, node in enumerate(nodes[True]):
             function = _NAMES.get(node.target) or getattr(node.target, "__name__", str(node.target))
@@ -172,5 +206,6 @@ def functional_sites(model: nn.Module, functional: list[dict]) -> tuple[list[Sit
             stand_in.training = owner.training
             site = FunctionalSite(f"{owner_name}.{child}" if owner_name else child, stand_in, match, calls=1)
             site.owner_state, site.child, site.index = state, child, index
+            site.io_shapes = io_shapes.get(index, [])
             sites.append(site)
     return sites, left

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -141,11 +142,11 @@ def _running_once_per_shape(modules: list[nn.Module]):
 
 
 def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Module],
-                 train: bool = False, once_per_shape: bool = False) -> ProbeResult:
+                 train: bool = False, once_per_shape: Iterable[nn.Module] = ()) -> ProbeResult:
     """Run ``model`` on meta copies of its tensors and ``example``; record inputs of ``watch``.
 
-    ``once_per_shape=True``: watched modules that compute the same thing (``computation_key``) run once
-    per input shape; repeats return a meta tensor of the shape they gave. Their meta kernels are the
+    ``once_per_shape``: modules (the norm sites) of which those computing the same thing
+    (``computation_key``) run once per input shape; repeats return a meta tensor of the shape they gave. Their meta kernels are the
     probe's cost (BatchNorm's is a Python decomposition, ~0.6 ms a call; ResNet-50 has 53 BatchNorms
     of 12 kinds).
     """
@@ -165,7 +166,7 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
         handles.append(module.register_forward_hook(record))
     try:
         with preserved(model), torch.no_grad(), on_meta(model), \
-                (_running_once_per_shape(watched) if once_per_shape else contextlib.nullcontext()):
+                _running_once_per_shape(list({id(m): m for m in once_per_shape}.values())):
             model.train(train)
             model(example.to("meta"))
     except Exception as exc:  # noqa: BLE001  (reported to the caller)

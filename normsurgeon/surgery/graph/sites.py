@@ -115,13 +115,19 @@ def analyze(model: nn.Module, input_size: tuple[int, ...] | None = None,
     if probe:
         size = tuple(input_size) if input_size else default_input_size(model)
         example = torch.zeros((2,) + size)
+        norms = [s.module for s in sites]
         watch = {n: s.module for s in sites for n in s.names}
-        shapes = meta_forward(model, example, watch, train=False, once_per_shape=True)
+        # the modules whose forward calls F.layer_norm & co.: their inputs, to probe those calls later
+        owners = {OWNER_PREFIX + c["module"]: model.get_submodule(c["module"]) for c in functional}
+        shapes = meta_forward(model, example, {**watch, **owners}, train=False, once_per_shape=norms)
         missed = {n: m for n, m in watch.items() if n not in shapes.shapes}
         if missed and not shapes.error:  # train-only branches (auxiliary heads): probe them too
-            extra = meta_forward(model, example, missed, train=True, once_per_shape=True)
+            extra = meta_forward(model, example, missed, train=True, once_per_shape=norms)
             shapes.shapes.update(extra.shapes)
         for site in sites:
             for n in site.names:
                 site.io_shapes += shapes.shapes.get(n, [])
     return Analysis(sites, functional, traced, shapes, example)
+
+
+OWNER_PREFIX = "owner:"  # probe keys of the modules owning functional norm calls

@@ -34,7 +34,9 @@ def _build_proxy(source: SourceNorm, site: SiteInfo, options: dict, groups: int,
     fused = source.act is not None
     pairing = site.context
     if not fused and (pairing is None or not pairing.paired):
-        why = pairing.reason if pairing is not None else "no graph context"
+        why = pairing.reason if pairing is not None else (
+            "no graph context at this site, so the activation it feeds is unknown (functional norm calls "
+            "and norms inside leaf modules are not paired with activations)")
         plain_options = {k: v for k, v in options.items() if k not in PROXY_OPTIONS}
         built = plain(source, site, dict(plain_options, fold_statistics=False))
         built.notes.insert(0, f"no PN: {why}")
