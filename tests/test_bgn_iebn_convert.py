@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 import normsurgeon as ns
 from normsurgeon import layers, zoo

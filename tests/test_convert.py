@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import pytest
 import timm
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 

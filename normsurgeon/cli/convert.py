@@ -7,16 +7,14 @@ from __future__ import annotations
 
 from ..console import out
 from .common import check_writable, print_load_hint
-from .options import add_conversion_arguments, add_model_arguments
+from .options import conversion_command
 from .plan import show, start
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert a model and save it",
-                       description="Convert, print the report and save the converted model with "
-                                   "normsurgeon.save (state_dict + recipe, no pickled code).")
-    add_model_arguments(p)
-    add_conversion_arguments(p)
+    p = conversion_command(sub, "convert", help="convert a model and save it",
+                           description="Convert, print the report and save the converted model with "
+                                       "normsurgeon.save (state_dict + recipe, no pickled code).")
     p.add_argument("--no-verify", action="store_true",
                    help="save the conversion even when it could not be verified on meta tensors")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to save (e.g. out/gn.pt)")

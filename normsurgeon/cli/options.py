@@ -116,6 +116,14 @@ def add_site_selection(group) -> None:
                             "(values: int, float, true/false, none, else string)")
 
 
+def conversion_command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a command that converts MODEL (plan, convert): the model and conversion flags."""
+    parser = sub.add_parser(name, help=help, description=description)
+    add_model_arguments(parser)
+    add_conversion_arguments(parser)
+    return parser
+
+
 def add_conversion_arguments(parser: argparse.ArgumentParser) -> None:
     """--to, the site selection, --input-size, --json (plan and convert)."""
     g = parser.add_argument_group("conversion")

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 from ..console import out
 from .common import check_selection, check_writable, create, model_label, write_json
-from .options import add_conversion_arguments, add_model_arguments
+from .options import conversion_command
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="show what a conversion would do, site by site",
-                       description="Print the conversion report of a dry run: every normalization site, "
-                                   "what it would become and how its weights are transferred.")
-    add_model_arguments(p)
-    add_conversion_arguments(p)
+    p = conversion_command(sub, "plan", help="show what a conversion would do, site by site",
+                           description="Print the conversion report of a dry run: every normalization site, "
+                                       "what it would become and how its weights are transferred.")
     p.set_defaults(run=run)
 
 

@@ -85,12 +85,14 @@ def runs_batch_statistics_in_training(module: nn.Module) -> bool:
     return isinstance(module, (nn.modules.batchnorm._BatchNorm, layers.DomainSpecificBatchNorm))
 
 
-def batch_norms_in_training(model: nn.Module) -> tuple[int, str]:
-    """How many norm sites of ``model`` would normalize with batch statistics now (training mode),
-    and their names for a message (the first five)."""
+def require_eval_norms(model: nn.Module, error: type[Exception], consequence: str, action: str) -> None:
+    """Raise ``error`` when norm sites of ``model`` would normalize with batch statistics now (training
+    mode): the message counts them, names the first five, then gives the ``consequence`` and the ``action``."""
     names = [s.name for s in find_sites(model) if runs_batch_statistics_in_training(s.module) and s.module.training]
-    shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return len(names), shown
+    if names:
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise error(f"{len(names)} batch-dependent normalization layers are in training mode ({shown}): "
+                    f"{consequence}. {action}")
 
 
 def eval_affine(module: nn.Module, domain=None) -> EvalAffine | str:

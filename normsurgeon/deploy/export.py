@@ -25,7 +25,7 @@ from torch import nn
 
 from ..domains.routing import domain_layers
 from ..model_state import preserved
-from .affine import batch_norms_in_training
+from .affine import require_eval_norms
 
 DEFAULT_OPSET = 18
 MAX_BATCH = 4096  # upper bound of the exported batch dimension
@@ -40,12 +40,8 @@ def check_exportable(model: nn.Module) -> None:
     no domain chosen; otherwise return None."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a model (nn.Module), got {type(model).__name__}")
-    training, shown = batch_norms_in_training(model)
-    if training:
-        raise ExportError(
-            f"{training} batch-dependent normalization layers are in training mode ({shown}): an exported "
-            f"graph would normalize each inference batch with its own statistics and never update the running "
-            f"ones. Call model.eval() before exporting.")
+    require_eval_norms(model, ExportError, "an exported graph would normalize each inference batch with its own "
+                       "statistics and never update the running ones", "Call model.eval() before exporting.")
     unrouted = [name for name, layer in domain_layers(model) if not isinstance(layer.route, int)]
     if unrouted:
         domains = ", ".join(repr(d) for d in domain_layers(model)[0][1].domains)

@@ -40,7 +40,7 @@ from ..model_state import preserved
 from ..surgery.graph.probe import default_input_size, meta_forward
 from ..surgery.graph.sites import Site, find_sites
 from ..surgery.graph.tracing import trace
-from .affine import EvalAffine, batch_norms_in_training, eval_affine
+from .affine import EvalAffine, eval_affine, require_eval_norms
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -134,12 +134,9 @@ def fold(model: nn.Module, *, domain=None, input_size: tuple[int, ...] | None = 
 def _check_input(model: nn.Module, domain) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold takes a model (nn.Module), got {type(model).__name__}")
-    training, shown = batch_norms_in_training(model)
-    if training:
-        raise ValueError(
-            f"fold needs the norms in eval mode, but {training} are in training mode ({shown}), where "
-            f"they normalize with batch statistics that no fixed weight can reproduce. Call model.eval() "
-            f"first (fold returns a new model; yours is not changed).")
+    require_eval_norms(model, ValueError, "fold needs them in eval mode, since batch statistics cannot be "
+                       "reproduced by any fixed weight", "Call model.eval() first (fold returns a new model; "
+                       "yours is not changed).")
     has_dsbn = bool(domain_layers(model))
     if has_dsbn and domain is None:
         names = domains_of(model)

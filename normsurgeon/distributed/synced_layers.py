@@ -22,7 +22,6 @@ import math
 import torch
 from torch import nn
 
-from ..layers.base import elements_per_channel
 from ..layers.batch_group_norm import BatchGroupNorm, InstanceEnhancementBatchNorm
 from ..layers.running_statistics import running_factor, update_running, uses_batch_statistics
 from ..layers.batch_norm import BatchNorm
@@ -46,6 +45,16 @@ class SyncedStatistics:
                              f"{int(total)} value(s) per statistic (this rank's input: {tuple(x.shape)}): use "
                              f"2 or more samples over the ranks, or call model.eval()")
 
+    def _global_moments(self, rows: torch.Tensor, x: torch.Tensor, update: bool = True):
+        """Mean and variance (K,) of ``rows`` (N, K, M) over every rank and the global count per
+        statistic, checked (≥ 2 values) and, with ``update``, folded into the running statistics."""
+        mean, var, total = synced_moments(self._group(), rows)
+        count = float(total[0])
+        self._need_two(count, x)
+        if update:
+            update_running(self, mean[0].detach(), var[0].detach(), count, running_factor(self, x))
+        return mean[0], var[0], count
+
     def __getstate__(self):
         # a process group cannot be pickled or deep-copied: a copy syncs over the default group
         state = dict(self.__dict__)
@@ -60,6 +69,10 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def _work(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _cast(dtype, *tensors):
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
 def _affine_normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight, bias,
@@ -78,15 +91,9 @@ def _affine_normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, we
 def synced_batch_norm(layer: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Training-mode BatchNorm of ``layer`` on x (N, C, *) with statistics over every rank."""
     work = _work(x)
-    n, c = x.shape[:2]
-    mean, var, total = synced_moments(layer._group(), _rows(work, c))
-    layer._need_two(float(total[0]), x)
-    factor = running_factor(layer, x)
-    update_running(layer, mean[0].detach(), var[0].detach(), float(total[0]), factor)
-    weight, bias = layer.weight, layer.bias
-    if weight is not None and weight.dtype != work.dtype:
-        weight, bias = weight.to(work.dtype), bias.to(work.dtype)
-    return _affine_normalize(work, mean[0], var[0], weight, bias, layer.eps).to(x.dtype)
+    mean, var, _ = layer._global_moments(_rows(work, x.shape[1]), x)
+    weight, bias = _cast(work.dtype, layer.weight, layer.bias)
+    return _affine_normalize(work, mean, var, weight, bias, layer.eps).to(x.dtype)
 
 
 class SyncedBatchNorm(SyncedStatistics, BatchNorm):
@@ -107,17 +114,11 @@ class SyncedBatchGroupNorm(SyncedStatistics, BatchGroupNorm):
             return super()._normalize(x)
         self._check_input_dim(x)
         work = _work(x)
-        n, c, g = x.shape[0], self.num_channels, self.num_groups
-        mean, var, total = synced_moments(self._group(), _rows(work, g))
-        self._need_two(float(total[0]), x)
-        factor = running_factor(self, x)
-        update_running(self, mean[0].detach(), var[0].detach(), float(total[0]), factor)
-        weight, bias = self.weight, self.bias
-        if weight is not None and weight.dtype != work.dtype:
-            weight, bias = weight.to(work.dtype), bias.to(work.dtype)
-        per_channel = c // g
-        return _affine_normalize(work, mean[0].repeat_interleave(per_channel),
-                                 var[0].repeat_interleave(per_channel), weight, bias, self.eps).to(x.dtype)
+        mean, var, _ = self._global_moments(_rows(work, self.num_groups), x)
+        weight, bias = _cast(work.dtype, self.weight, self.bias)
+        per_channel = self.num_channels // self.num_groups
+        return _affine_normalize(work, mean.repeat_interleave(per_channel), var.repeat_interleave(per_channel),
+                                 weight, bias, self.eps).to(x.dtype)
 
 
 class SyncedInstanceEnhancementBatchNorm(SyncedStatistics, InstanceEnhancementBatchNorm):
@@ -130,17 +131,13 @@ class SyncedInstanceEnhancementBatchNorm(SyncedStatistics, InstanceEnhancementBa
         work = _work(x)
         n, c = x.shape[:2]
         flat = _rows(work, c)
-        mean, var, total = synced_moments(self._group(), flat)
-        self._need_two(float(total[0]), x)
-        factor = running_factor(self, x)
-        update_running(self, mean[0].detach(), var[0].detach(), float(total[0]), factor)
-        params = [p if p.dtype == work.dtype else p.to(work.dtype) for p in
-                  (self.weight, self.bias, self.attention_weight, self.attention_bias)]
-        weight, bias, att_weight, att_bias = params
+        mean, var, _ = self._global_moments(flat, x)
+        weight, bias, att_weight, att_bias = _cast(work.dtype, self.weight, self.bias, self.attention_weight,
+                                                   self.attention_bias)
         gate = torch.sigmoid(torch.addcmul(att_bias, flat.mean(2), att_weight))  # (N, C), local
         view = (n, c) + (1,) * (x.ndim - 2)
-        scale = weight * gate * torch.rsqrt(var[0] + self.eps)  # (N, C)
-        shift = bias - mean[0] * scale
+        scale = weight * gate * torch.rsqrt(var + self.eps)  # (N, C)
+        shift = bias - mean * scale
         return torch.addcmul(shift.view(view), work, scale.view(view)).to(x.dtype)
 
 

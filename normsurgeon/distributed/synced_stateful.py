@@ -25,18 +25,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..layers._conv_statistics import conv_geometry, weight_derivatives
 from ..layers.running_statistics import running_factor, update_running
 from ..layers.cross_iteration_bn import CrossIterationBatchNorm
 from ..layers.memorized_bn import MemorizedBatchNorm
-from .moments import synced_moments
-from .synced_layers import SyncedStatistics, _affine_normalize, _rows, _work, synced_batch_norm
-
-
-def _cast(dtype, *tensors):
-    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+from .synced_layers import SyncedStatistics, _affine_normalize, _cast, _rows, _work, synced_batch_norm
 
 
 class SyncedCrossIterationBatchNorm(SyncedStatistics, CrossIterationBatchNorm):
@@ -58,11 +52,7 @@ class SyncedCrossIterationBatchNorm(SyncedStatistics, CrossIterationBatchNorm):
                                f"right after its conv (as normsurgeon.convert(model, to='cbn') wires it).")
         conv, conv_input = tap[0], tap[1]
         work = _work(x)
-        n, c = x.shape[:2]
-        mean3, var3, total = synced_moments(self._group(), _rows(work, c))
-        count = float(total[0])
-        self._need_two(count, x)
-        mean_t, var_t = mean3[0], var3[0]
+        mean_t, var_t, count = self._global_moments(_rows(work, x.shape[1]), x, update=False)
         past_mean, past_var = self._compensated(conv.weight, conv.bias, self.rho)
         past_mean, past_var, valid, weight, bias = _cast(work.dtype, past_mean, past_var, self.past_valid.clone(),
                                                          self.weight, self.bias)
@@ -108,22 +98,14 @@ class SyncedMemorizedBatchNorm(SyncedStatistics, MemorizedBatchNorm):
             return super()._normalize(x)
         self._check_input_dim(x)
         work = _work(x)
-        n, c = x.shape[:2]
         if self.refreshing:
             with torch.no_grad():
-                mean3, var3, total = synced_moments(self._group(), _rows(work, c))
-                self._need_two(float(total[0]), x)
-                self._refresh_newest(mean3[0], var3[0])
-                self._forwards_since_step = 0
-                return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                    False, 0.0, self.eps)
+                mean_t, var_t, _ = self._global_moments(_rows(work, x.shape[1]), x, update=False)
+                return self._refresh(x, mean_t, var_t)
         self._note_training_forward()
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-        mean3, var3, total = synced_moments(self._group(), _rows(work, c))
-        count = float(total[0])
-        self._need_two(count, x)
-        mean_t, var_t = mean3[0], var3[0]
+        mean_t, var_t, count = self._global_moments(_rows(work, x.shape[1]), x, update=False)
         if self._recalibration is not None:
             self._accumulate(mean_t.detach(), var_t.detach(), int(count))
         weight, bias = _cast(work.dtype, self.weight, self.bias)

@@ -56,7 +56,7 @@ def _route_all(layers, d):
     routes = []
     for layer in layers:
         if layer.domains not in cache:
-            cache[layer.domains] = resolve_route(layer.domains, d, where=f"the model's dsbn layers")
+            cache[layer.domains] = resolve_route(layer.domains, d, where="the model's dsbn layers")
         routes.append(cache[layer.domains])
     return routes
 

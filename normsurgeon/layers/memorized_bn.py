@@ -202,10 +202,7 @@ class MemorizedBatchNorm(StepHookClient, BatchNorm):
         if self.refreshing:
             with torch.no_grad():
                 var_t, mean_t = torch.var_mean(work, dim=dims, unbiased=False)
-                self._refresh_newest(mean_t, var_t)
-                self._forwards_since_step = 0
-                return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                    False, 0.0, self.eps)
+                return self._refresh(x, mean_t, var_t)
         self._note_training_forward()
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -217,6 +214,13 @@ class MemorizedBatchNorm(StepHookClient, BatchNorm):
             self._push(mean_t.detach(), var_t.detach())
             return out
         return self._normalize_with_memory(x, work, mean_t, var_t, self.weight, self.bias)
+
+    def _refresh(self, x: torch.Tensor, mean_t: torch.Tensor, var_t: torch.Tensor) -> torch.Tensor:
+        """The double forward's second pass: the newest memory entry becomes this batch's (μ_t, σ²_t),
+        each (C,), and x is normalized with the refreshed pooled statistics."""
+        self._refresh_newest(mean_t, var_t)
+        self._forwards_since_step = 0
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
 
     def _normalize_with_memory(self, x: torch.Tensor, work: torch.Tensor, mean_t: torch.Tensor, var_t: torch.Tensor,
                                weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
