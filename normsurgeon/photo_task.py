@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .zoo import LITE0_MEAN, LITE0_STD, _load_skimage_photo
+from .zoo import LITE0_MEAN, LITE0_STD, load_skimage_photo
 
 #: Photos that ship with pip packages: ``skimage.data`` (colour and grayscale), scikit-learn's
 #: two sample images and matplotlib's sample photo. Left out: photos with a side under 256 px
@@ -108,7 +108,7 @@ def load_photo(source: str | Path, max_side: int = MAX_SIDE) -> np.ndarray:
 
         source = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
     if isinstance(source, str) and not Path(source).suffix:
-        image = Image.fromarray(_load_skimage_photo(source))
+        image = Image.fromarray(load_skimage_photo(source))
     else:
         try:
             image = Image.open(source)

@@ -245,7 +245,7 @@ SKLEARN_IMAGE_NAMES: tuple[str, ...] = ("china", "flower")
 
 
 @functools.lru_cache(maxsize=32)
-def _load_skimage_photo(name: str):
+def load_skimage_photo(name: str):
     """``(H, W, 3)`` uint8 RGB array of a ``skimage.data`` (or scikit-learn sample) photo."""
     import numpy as np
     from skimage import data
@@ -302,7 +302,7 @@ def sample_images(
         mean=tuple(LITE0_MEAN if mean is None else mean),
         std=tuple(LITE0_STD if std is None else std),
     )
-    tensors = [transform(Image.fromarray(_load_skimage_photo(n))) for n in names]
+    tensors = [transform(Image.fromarray(load_skimage_photo(n))) for n in names]
     if not tensors:
         return torch.empty(0, 3, size, size), names
     return torch.stack(tensors).to(torch.float32), names

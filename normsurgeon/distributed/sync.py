@@ -45,7 +45,7 @@ def synced_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if type(m) in LOCAL]
 
 
-def _unsupported(model: nn.Module) -> list[str]:
+def unsyncable_layers(model: nn.Module) -> list[str]:
     """Batch-statistics layers that sync_statistics cannot synchronize (torch's/timm's BatchNorms)."""
     return [f"{n or '(the model itself)'} ({type(m).__name__})" for n, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in SYNCED and type(m) not in LOCAL]
@@ -57,7 +57,7 @@ def sync_statistics(model: nn.Module, process_group=None, *, inplace: bool = Fal
     if not isinstance(model, nn.Module):
         raise TypeError(f"sync_statistics expects an nn.Module, got {type(model).__name__}")
     require_process_group(process_group, "normsurgeon.sync_statistics")
-    left = _unsupported(model)
+    left = unsyncable_layers(model)
     if left:
         shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
         raise ValueError(f"sync_statistics would leave {len(left)} batch-statistics layer(s) normalizing per rank: "
@@ -100,7 +100,7 @@ def synchronized(model: nn.Module):
     """``model``'s layers synchronized in place for the block, local again after it (those that were
     synchronized before stay so). For ``finetune`` and ``recalibrate_bn`` under torchrun."""
     already = bool(synced_layers(model))
-    nothing = not any(type(m) in SYNCED for m in model.modules()) and not _unsupported(model)
+    nothing = not any(type(m) in SYNCED for m in model.modules()) and not unsyncable_layers(model)
     already = already or nothing  # (a gn/ln/pn model has no batch statistics to synchronize)
     if not already:
         sync_statistics(model, inplace=True)

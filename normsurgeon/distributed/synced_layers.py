@@ -62,21 +62,23 @@ class SyncedStatistics:
         return state
 
 
-def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+def as_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     """(N, C, *) → (N, K, C·P/K), also for N = 0 (where reshape cannot infer a -1)."""
     return x.reshape(x.shape[0], k, x[0].numel() // k if x.shape[0] else math.prod(x.shape[1:]) // k)
 
 
-def _work(x: torch.Tensor) -> torch.Tensor:
+def in_float(x: torch.Tensor) -> torch.Tensor:
+    """x itself in float32/float64, else x in float32 (statistics of half precision are taken in float)."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _cast(dtype, *tensors):
+def cast_to(dtype, *tensors) -> list:
+    """Each tensor in ``dtype`` (None stays None)."""
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
-def _affine_normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight, bias,
-                      eps: float) -> torch.Tensor:
+def affine_normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight, bias,
+                     eps: float) -> torch.Tensor:
     """x (N, C, *), per-channel mean/var (C,) → γ (x − μ)/sqrt(σ² + eps) + β, differentiable in all."""
     view = (1, -1) + (1,) * (x.ndim - 2)
     scale = torch.rsqrt(var + eps)
@@ -90,10 +92,10 @@ def _affine_normalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, we
 
 def synced_batch_norm(layer: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
     """Training-mode BatchNorm of ``layer`` on x (N, C, *) with statistics over every rank."""
-    work = _work(x)
-    mean, var, _ = layer._global_moments(_rows(work, x.shape[1]), x)
-    weight, bias = _cast(work.dtype, layer.weight, layer.bias)
-    return _affine_normalize(work, mean, var, weight, bias, layer.eps).to(x.dtype)
+    work = in_float(x)
+    mean, var, _ = layer._global_moments(as_rows(work, x.shape[1]), x)
+    weight, bias = cast_to(work.dtype, layer.weight, layer.bias)
+    return affine_normalize(work, mean, var, weight, bias, layer.eps).to(x.dtype)
 
 
 class SyncedBatchNorm(SyncedStatistics, BatchNorm):
@@ -113,11 +115,11 @@ class SyncedBatchGroupNorm(SyncedStatistics, BatchGroupNorm):
         if not uses_batch_statistics(self) or x.device.type == "meta":
             return super()._normalize(x)
         self._check_input_dim(x)
-        work = _work(x)
-        mean, var, _ = self._global_moments(_rows(work, self.num_groups), x)
-        weight, bias = _cast(work.dtype, self.weight, self.bias)
+        work = in_float(x)
+        mean, var, _ = self._global_moments(as_rows(work, self.num_groups), x)
+        weight, bias = cast_to(work.dtype, self.weight, self.bias)
         per_channel = self.num_channels // self.num_groups
-        return _affine_normalize(work, mean.repeat_interleave(per_channel), var.repeat_interleave(per_channel),
+        return affine_normalize(work, mean.repeat_interleave(per_channel), var.repeat_interleave(per_channel),
                                  weight, bias, self.eps).to(x.dtype)
 
 
@@ -128,11 +130,11 @@ class SyncedInstanceEnhancementBatchNorm(SyncedStatistics, InstanceEnhancementBa
         if not uses_batch_statistics(self) or x.device.type == "meta":
             return super()._normalize(x)
         self._check_input_dim(x)
-        work = _work(x)
+        work = in_float(x)
         n, c = x.shape[:2]
-        flat = _rows(work, c)
+        flat = as_rows(work, c)
         mean, var, _ = self._global_moments(flat, x)
-        weight, bias, att_weight, att_bias = _cast(work.dtype, self.weight, self.bias, self.attention_weight,
+        weight, bias, att_weight, att_bias = cast_to(work.dtype, self.weight, self.bias, self.attention_weight,
                                                    self.attention_bias)
         gate = torch.sigmoid(torch.addcmul(att_bias, flat.mean(2), att_weight))  # (N, C), local
         view = (n, c) + (1,) * (x.ndim - 2)
@@ -160,8 +162,8 @@ class SyncedDomainSpecificBatchNorm(SyncedStatistics, DomainSpecificBatchNorm):
             order = torch.argsort(route, stable=True)
             counts = torch.bincount(route, minlength=k_all).tolist()
             pieces = list(x.index_select(0, order).split(counts))
-        work = [_work(p) for p in pieces]
-        n_flat = [_rows(w, w.shape[1]) for w in work]
+        work = [in_float(p) for p in pieces]
+        n_flat = [as_rows(w, w.shape[1]) for w in work]
         mean, var, total = synced_moments(self._group(), *n_flat)
         outs = []
         for k in range(k_all):
@@ -177,7 +179,7 @@ class SyncedDomainSpecificBatchNorm(SyncedStatistics, DomainSpecificBatchNorm):
                 weight, bias = self._affine(k)
                 if weight is not None and weight.dtype != work[k].dtype:
                     weight, bias = weight.to(work[k].dtype), bias.to(work[k].dtype)
-                outs.append(_affine_normalize(work[k], mean[k], var[k], weight, bias, self.eps).to(x.dtype))
+                outs.append(affine_normalize(work[k], mean[k], var[k], weight, bias, self.eps).to(x.dtype))
         if order is None:
             return outs[0]
         out = torch.cat(outs)

@@ -30,7 +30,7 @@ from ..layers._conv_statistics import conv_geometry, weight_derivatives
 from ..layers.running_statistics import running_factor, update_running
 from ..layers.cross_iteration_bn import CrossIterationBatchNorm
 from ..layers.memorized_bn import MemorizedBatchNorm
-from .synced_layers import SyncedStatistics, _affine_normalize, _cast, _rows, _work, synced_batch_norm
+from .synced_layers import SyncedStatistics, affine_normalize, cast_to, as_rows, in_float, synced_batch_norm
 
 
 class SyncedCrossIterationBatchNorm(SyncedStatistics, CrossIterationBatchNorm):
@@ -51,16 +51,16 @@ class SyncedCrossIterationBatchNorm(SyncedStatistics, CrossIterationBatchNorm):
                                f"iterations, but its input is not that conv's output from this forward. Call it "
                                f"right after its conv (as normsurgeon.convert(model, to='cbn') wires it).")
         conv, conv_input = tap[0], tap[1]
-        work = _work(x)
-        mean_t, var_t, count = self._global_moments(_rows(work, x.shape[1]), x, update=False)
+        work = in_float(x)
+        mean_t, var_t, count = self._global_moments(as_rows(work, x.shape[1]), x, update=False)
         past_mean, past_var = self._compensated(conv.weight, conv.bias, self.rho)
-        past_mean, past_var, valid, weight, bias = _cast(work.dtype, past_mean, past_var, self.past_valid.clone(),
+        past_mean, past_var, valid, weight, bias = cast_to(work.dtype, past_mean, past_var, self.past_valid.clone(),
                                                          self.weight, self.bias)
         pool = valid.sum() + 1
         mean = (mean_t + past_mean.t() @ valid) / pool
         spread = (past_var + (past_mean - mean).square()).t() @ valid
         var = (var_t + (mean_t - mean).square() + spread) / pool
-        out = _affine_normalize(work, mean, var, weight, bias, self.eps).to(x.dtype)
+        out = affine_normalize(work, mean, var, weight, bias, self.eps).to(x.dtype)
         factor = running_factor(self, x)
         update_running(self, mean_t.detach(), var_t.detach(), count, factor)
         if torch.is_grad_enabled():
@@ -97,20 +97,20 @@ class SyncedMemorizedBatchNorm(SyncedStatistics, MemorizedBatchNorm):
         if not self.training or x.device.type == "meta":
             return super()._normalize(x)
         self._check_input_dim(x)
-        work = _work(x)
+        work = in_float(x)
         if self.refreshing:
             with torch.no_grad():
-                mean_t, var_t, _ = self._global_moments(_rows(work, x.shape[1]), x, update=False)
+                mean_t, var_t, _ = self._global_moments(as_rows(work, x.shape[1]), x, update=False)
                 return self._refresh(x, mean_t, var_t)
         self._note_training_forward()
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-        mean_t, var_t, count = self._global_moments(_rows(work, x.shape[1]), x, update=False)
+        mean_t, var_t, count = self._global_moments(as_rows(work, x.shape[1]), x, update=False)
         if self._recalibration is not None:
             self._accumulate(mean_t.detach(), var_t.detach(), int(count))
-        weight, bias = _cast(work.dtype, self.weight, self.bias)
+        weight, bias = cast_to(work.dtype, self.weight, self.bias)
         if self.memory == 1:
-            out = _affine_normalize(work, mean_t, var_t, weight, bias, self.eps)
+            out = affine_normalize(work, mean_t, var_t, weight, bias, self.eps)
             self._push(mean_t.detach(), var_t.detach())
             return out.to(x.dtype)
         return self._normalize_with_memory(x, work, mean_t, var_t, weight, bias)

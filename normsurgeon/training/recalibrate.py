@@ -109,11 +109,11 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
 def _over_every_rank(model: nn.Module):
     """Synchronized layers for the block under torchrun; a no-op in one process."""
     from ..distributed.ranks import Ranks
-    from ..distributed.sync import _unsupported, synchronized
+    from ..distributed.sync import unsyncable_layers, synchronized
 
     if Ranks.current() is None:
         return contextlib.nullcontext()
-    left = _unsupported(model)
+    left = unsyncable_layers(model)
     if left:
         warnings.warn(f"recalibrate_bn under {Ranks.current().world} processes: {len(left)} layer(s) such as "
                       f"{left[0]} are torch/timm BatchNorms, so every rank recalibrates on its own data only. "
