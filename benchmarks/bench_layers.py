@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     bn_source = random_bn(c, gen)
-    groups = 32 if c % 32 == 0 else normsurgeon.surgery.groups.default_groups(c)
+    groups = 32 if c % 32 == 0 else normsurgeon.surgery.targets.groups.default_groups(c)
 
     # Native references (only those needed by the chosen targets, plus nn.BatchNorm2d).
     natives: dict[str, nn.Module] = {"nn.BatchNorm2d": random_bn(c, gen)}

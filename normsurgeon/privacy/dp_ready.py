@@ -27,14 +27,11 @@ from torch import nn
 
 from .. import layers
 from ..surgery.graph.probe import default_input_size
+from .errors import NotDPReady
 
 MODES = ("hooks", "functorch", "ghost", "ew")
 BATCH_STATISTICS = (nn.modules.batchnorm._BatchNorm, layers.DomainSpecificBatchNorm)
 _SHOWN = 8
-
-
-class NotDPReady(ValueError):
-    """The model cannot be trained with DP-SGD as it is; the message says where and what to do."""
 
 
 def require_opacus():

@@ -32,7 +32,7 @@ from ..model_state import preserved
 from ..surgery.graph import forward_rewrite
 from ..surgery.graph.probe import on_meta
 from ..surgery.graph.tracing import failure_location, trace
-from .dp_ready import NotDPReady
+from .errors import NotDPReady
 
 _OUT_OF_PLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub,
                            operator.imul: operator.mul, operator.itruediv: operator.truediv,

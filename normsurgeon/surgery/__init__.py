@@ -2,7 +2,8 @@
 
 Rooms: ``graph/`` (analyses of the model's graph: tracing, sites, shape probe, pairings, producers,
 shortcuts, functional norm calls, forward rewrites), ``targets/`` (the registry and the built-in
-targets), and the pipeline here (``pipeline``, ``sources``, ``transfer``, ``groups``, ``report``, ``persist``).
+targets, with the weight ``transfer`` and ``groups`` policy they use), and the pipeline here (``pipeline``,
+``sources``, ``report``, ``persist``).
 
 The public extension API lives here: ``register_target`` / ``unregister_target`` with the types a
 builder takes and returns (``SourceNorm``, ``SiteInfo``, ``Built``, ``Transfer``, ``SkipSite``) and the
@@ -19,7 +20,7 @@ from .targets import batch_group, domain, proxy, standard, stateful  # noqa: F40
 from .targets.registry import (Built, ConversionError, SiteInfo, SkipSite, Target, available_targets, get_target,
                                register_target, unregister_target)
 from .sources import SourceNorm, register_source
-from .transfer import Transfer
+from .targets.transfer import Transfer
 
 __all__ = ["convert", "plan", "ConversionError", "ConversionReport", "SiteRow", "Built", "SiteInfo",
            "SkipSite", "SourceNorm", "Transfer", "Target", "available_targets", "get_target", "register_target",

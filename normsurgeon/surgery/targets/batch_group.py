@@ -22,7 +22,7 @@ import torch
 from ... import layers
 from ..graph.shortcuts import shortcut_context
 from ..sources import SourceNorm
-from ..transfer import Transfer, group_statistics
+from .transfer import Transfer, group_statistics
 from .registry import SiteInfo, SkipSite, register_target
 from .standard import build_bn
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from ... import layers
 from ...layers.domain_batch_norm import domain_names
 from ..sources import SourceNorm
-from ..transfer import Transfer
+from .transfer import Transfer
 from .registry import SiteInfo, register_target
 
 

@@ -21,9 +21,9 @@ from ... import layers
 from ..graph import forward_rewrite
 from ..graph.pairing import activation_context, apply_plan, pairings_and_plans
 from ..graph.probe import meta_forward
-from ..groups import resolve_groups
+from .groups import resolve_groups
 from ..sources import SourceNorm
-from ..transfer import Transfer
+from .transfer import Transfer
 from .registry import ConversionError, SiteInfo, SkipSite, register_target
 from .standard import build_gn, build_ln
 

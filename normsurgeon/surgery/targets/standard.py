@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from ... import layers
-from ..groups import resolve_groups
+from .groups import resolve_groups
 from ..sources import SourceNorm
-from ..transfer import Transfer
+from .transfer import Transfer
 from .registry import SiteInfo, SkipSite, register_target
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from ... import layers
 from ..graph.producers import Producer, producer_context
 from ..sources import SourceNorm
-from ..transfer import Transfer
+from .transfer import Transfer
 from .registry import SiteInfo, SkipSite, register_target
 from .standard import build_bn
 

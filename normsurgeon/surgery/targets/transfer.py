@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sources import SourceNorm
-from .targets.registry import Built
+from ..sources import SourceNorm
+from .registry import Built
 
 
 def group_statistics(mean: torch.Tensor, var: torch.Tensor, group_of_channel: torch.Tensor):
