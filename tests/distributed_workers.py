@@ -163,3 +163,25 @@ def finetune_rank(rank: int, world: int, init_file: str, out_dir: str, batch_siz
                    os.path.join(out_dir, f"finetuned_{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def uneven_batches(rank: int) -> list[torch.Tensor]:
+    """Rank 0 has three batches of 2, rank 1 two."""
+    gen = torch.Generator().manual_seed(11 + rank)
+    return list(torch.randn(2 * (3 - rank), 3, 6, 6, generator=gen, dtype=torch.float64).split(2))
+
+
+def uneven_recalibration_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """recalibrate_bn with 3 batches on rank 0 and 2 on rank 1: both must finish (not hang)."""
+    import warnings
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build("bn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ns.recalibrate_bn(model, uneven_batches(rank))
+        torch.save({"state": model.state_dict(), "warnings": [str(w.message) for w in caught]},
+                   os.path.join(out_dir, f"uneven_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -133,3 +133,25 @@ def test_channels_last_layout_synced_in_a_group_of_one_equals_the_local_layer(on
     synced(x2).square().sum().backward()
     torch.testing.assert_close(x2.grad, x.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(synced[0].running_var, local[0].running_var, rtol=1e-12, atol=0)
+
+
+def test_recalibration_with_uneven_batch_counts_stops_at_the_shortest_rank_without_hanging(tmp_path):
+    """Rank 0 has 3 batches, rank 1 has 2: both stop after 2 (rank 0 warns that it left one unread),
+    with the statistics of one process over the first two batches of both ranks."""
+    context = mp.spawn(workers.uneven_recalibration_rank, args=(2, str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, join=False)
+    deadline = time.monotonic() + 120  # ~10 s when it works
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks hung")
+    reference = workers.build("bn")
+    both = [workers.uneven_batches(r) for r in range(2)]
+    ns.recalibrate_bn(reference, [torch.cat([both[0][i], both[1][i]]) for i in range(2)])
+    results = [torch.load(tmp_path / f"uneven_{r}.pt") for r in range(2)]
+    assert any("another rank ran out of batches after 2" in w for w in results[0]["warnings"])
+    assert not any("ran out of batches" in w for w in results[1]["warnings"])
+    for result in results:
+        for key, want in reference.state_dict().items():
+            torch.testing.assert_close(result["state"][key], want, rtol=1e-9, atol=1e-12, msg=key)

@@ -22,8 +22,10 @@ buffers (they are not restored here).
 Under torchrun (a process group of 2 or more ranks) the model's layers are synchronized for the
 recalibration (``normsurgeon.sync_statistics``, in place, undone at the end): every batch statistic
 is over all ranks' batches, so the population statistics are over all ranks' data and the same on
-every rank. Every rank must then read the same number of batches (e.g. a DistributedSampler shard).
-A model that still has torch's or timm's BatchNorms is recalibrated per rank, with a warning.
+every rank. Ranks with different numbers of batches all stop at the end of the shortest (each
+synced forward waits for every rank, so going on would hang); a rank that leaves batches unread
+warns with the count. A model that still has torch's or timm's BatchNorms is recalibrated per
+rank, with a warning.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 
 from ..model_state import device_of, preserved, running_statistics_layers
+from ..distributed.ranks import Ranks
 from ..distributed.sync import synced_layers
 from .batches import check_inputs
 from ..domains.routing import router
@@ -81,7 +84,20 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
             if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
                 raise ValueError(f"recalibrate_bn: num_batches must be a positive int or None, got {num_batches!r}")
             count = 0
-            for batch in itertools.islice([data] if isinstance(data, torch.Tensor) else data, num_batches):
+            ranks = Ranks.current() if synced_layers(model) else None
+            batches = iter(itertools.islice([data] if isinstance(data, torch.Tensor) else data, num_batches))
+            while True:
+                batch = next(batches, None)
+                if ranks is not None and ranks.any(batch is None):  # some rank has no batch left: all stop
+                    if batch is not None:
+                        warnings.warn(f"recalibrate_bn under {ranks.world} processes: another rank ran out of "
+                                      f"batches after {count}, so rank {ranks.rank} left the rest of its batches "
+                                      f"unread (a synced forward needs every rank). Give every rank the same "
+                                      f"number of batches (a DistributedSampler shard).",
+                                      UserWarning, stacklevel=3)
+                    break
+                if batch is None:
+                    break
                 x, _, d = split_batch(batch)
                 x = check_inputs(x, "recalibrate_bn")
                 if x.shape[0] < 2 and not synced_layers(model):  # (synced: the layers check all ranks' count)
@@ -91,7 +107,8 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
                     model(x.to(device))
                 count += 1
             if count == 0:
-                raise ValueError("recalibrate_bn: data is empty (no batch)")
+                raise ValueError("recalibrate_bn: data is empty (no batch)" + (
+                    "" if ranks is None else f" on at least one of the {ranks.world} ranks"))
             completed = True
         finally:
             for m in protocol:
@@ -108,8 +125,7 @@ def recalibrate_bn(model: nn.Module, data, *, num_batches: int | None = None, in
 
 def _over_every_rank(model: nn.Module):
     """Synchronized layers for the block under torchrun; a no-op in one process."""
-    from ..distributed.ranks import Ranks
-    from ..distributed.sync import unsyncable_layers, synchronized
+    from ..distributed.sync import synchronized, unsyncable_layers
 
     if Ranks.current() is None:
         return contextlib.nullcontext()
