@@ -185,3 +185,30 @@ def uneven_recalibration_rank(rank: int, world: int, init_file: str, out_dir: st
                    os.path.join(out_dir, f"uneven_{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def tiny_classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(build("bn"), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).double()
+
+
+def sharded_eval_data(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank its own 8 held-out images (different on each rank)."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(8, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen)
+
+
+def sharded_eval_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """finetune with keep_best on each rank's own eval shard: the ranks must agree on the best state."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        data = torch.randn(32, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen)
+        model = tiny_classifier()
+        history = ns.finetune(model, data, batch_size=4, steps=6, lr=0.5, eval_data=sharded_eval_data(rank),
+                              eval_every=1, progress=False, seed=0)
+        torch.save({"state": model.state_dict(), "history": list(history)},
+                   os.path.join(out_dir, f"sharded_eval_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

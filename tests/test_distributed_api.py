@@ -155,3 +155,26 @@ def test_recalibration_with_uneven_batch_counts_stops_at_the_shortest_rank_witho
     for result in results:
         for key, want in reference.state_dict().items():
             torch.testing.assert_close(result["state"][key], want, rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_finetune_evaluates_over_every_ranks_eval_shard_and_the_ranks_keep_the_same_best_state(tmp_path):
+    context = mp.spawn(workers.sharded_eval_rank, args=(2, str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, join=False)
+    deadline = time.monotonic() + 120  # ~15 s when it works
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks hung")
+    results = [torch.load(tmp_path / f"sharded_eval_{r}.pt") for r in range(2)]
+    evals = [[row for row in r["history"] if "eval_accuracy" in row] for r in results]
+    assert evals[0] == evals[1] and len(evals[0]) == 7  # the start and 6 steps, the same on both ranks
+    assert all(row["eval_images"] == 16 for row in evals[0])  # 8 on each rank
+    # the metrics of the start are those of one process on both shards together
+    both = [torch.cat(t) for t in zip(*(workers.sharded_eval_data(r) for r in range(2)))]
+    from normsurgeon.training.finetune import evaluate
+    start = evaluate(workers.tiny_classifier(), tuple(both), batch_size=8)
+    assert evals[0][0]["eval_accuracy"] == pytest.approx(start["eval_accuracy"])
+    assert evals[0][0]["eval_loss"] == pytest.approx(start["eval_loss"], rel=1e-9)
+    for key, value in results[0]["state"].items():
+        assert torch.equal(value, results[1]["state"][key]), key

@@ -48,6 +48,14 @@ class Ranks:
     def barrier(self) -> None:
         dist.barrier()
 
+    def sum_over_ranks(self, sums: dict[str, float], count: int, flag: bool) -> tuple[dict[str, float], int, bool]:
+        """``sums`` and ``count`` added over every rank, ``flag`` true when true on some rank (one
+        float64 all-reduce): metrics every rank computes alike."""
+        values = torch.tensor(list(sums.values()) + [float(count), 1.0 if flag else 0.0], dtype=torch.float64)
+        dist.all_reduce(values)
+        total = values.tolist()
+        return dict(zip(sums, total[:len(sums)])), int(total[-2]), total[-1] > 0
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on some rank (one all-reduce): decisions such as
         stopping on a time budget must be the same everywhere, or the others wait forever."""

@@ -42,6 +42,8 @@ DistributedDataParallel (``broadcast_buffers=False``), with ``train_statistics=T
 batch-statistics layers are synchronized (``normsurgeon.sync_statistics``, in place, undone at the
 end), step hooks run on every rank, and only rank 0 prints and writes checkpoints. W ranks at batch B
 train exactly as one process at batch B·W. A checkpoint resumes only with the same number of ranks.
+Evaluation sums over every rank's ``eval_data`` (its own shard, or the same set on each), so every
+rank ranks states alike and ends in the same best state.
 
 Write your own loop instead? Keep three things: ``ns.param_groups(model, wd)`` for the
 optimizer, ``ns.after_step(model, x)`` after every ``optimizer.step()``, and (for batch-
@@ -156,10 +158,11 @@ def _check_arguments(model, teacher, lr, batch_size, steps, epochs, loss, temper
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, teacher: nn.Module | None = None, batch_size: int = 64,
-             teacher_cache: dict | None = None) -> dict:
+             teacher_cache: dict | None = None, ranks=None) -> dict:
     """eval_agreement / eval_kl with the teacher (when given), eval_accuracy / eval_loss (when
     labeled), eval_images (how many). Both models run in eval mode; every module's own flag is
-    restored."""
+    restored. With ``ranks`` (torchrun), the sums are over every rank's ``data`` (one all-reduce), so
+    every rank gets the same metrics and keeps the same best state."""
     route = router(model)
     order = DataOrder(data, batch_size, seed=0, what="eval_data")
     batches = order.batches(0) if order.dataset is None else _in_order(order.dataset, batch_size)
@@ -190,6 +193,8 @@ def evaluate(model: nn.Module, data, teacher: nn.Module | None = None, batch_siz
                 sums["correct"] += float((out.argmax(1) == y).sum())
                 sums["ce"] += float(F.cross_entropy(out, y, reduction="sum"))
             count += n
+    if ranks is not None:
+        sums, count, labeled = ranks.sum_over_ranks(sums, count, labeled)
     metrics = {"eval_images": count}
     if teacher is not None:
         metrics.update(eval_agreement=sums["agree"] / count, eval_kl=sums["kl"] / count)
@@ -287,6 +292,10 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
                        "teacher": teacher_fingerprint(teacher), "data": data_fingerprint(order.dataset, order.loader)}
         directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
         history, step, epoch, position, clocks, epoch_rng = History(), 0, 0, 0, {"wall": 0.0, "cpu": 0.0}, None
+        if ranks is not None and ranks.any(eval_data is None) and ranks.any(eval_data is not None):
+            raise ValueError(f"finetune under {ranks.world} processes: some ranks were given eval_data and some "
+                             f"not; evaluation combines every rank's eval_data, so give it on every rank (its own "
+                             f"shard or the same set) or on none")
         best = BestState(labels_first=mode in ("labels", "both")) if keep_best and eval_data is not None else None
         saved = load_checkpoint(directory) if directory is not None else None
         if saved is not None:
@@ -341,7 +350,7 @@ def finetune(model: nn.Module, train_data, *, teacher: nn.Module | None = None, 
         teacher_cache: dict = {}
 
         def evaluation() -> None:
-            metrics = evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache)
+            metrics = evaluate(model, eval_data, teacher, 2 * batch_size, teacher_cache, ranks)
             if best is not None:
                 check_eval_size(metrics)
                 best.offer(step, metrics, model)
