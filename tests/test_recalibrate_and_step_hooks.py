@@ -157,3 +157,36 @@ def test_mbn_from_an_untrained_batchnorm_starts_with_an_empty_memory():
     converted = ns.convert(trained, to="mbn", memory=4)
     assert bool(converted[1].memory_valid.all())
     assert torch.allclose(converted[1].memory_mean[2], trained[1].running_mean)
+
+
+def test_cbn_recalibrates_as_batchnorm_not_through_a_window_of_other_batches():
+    """A CBN whose window holds three training batches far from the recalibration data (inputs
+    shifted by +3): recalibrate_bn gives the statistics that recalibrating the same weights as
+    BatchNorm gives, and leaves the window as it was. Pooling every recalibration batch with those
+    three entries (what a train-mode forward does) would shift the second layer's statistics."""
+    model = ns.convert(bn_model(), to="cbn", window=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # steps fill the window, weights stay
+    for i in range(3):
+        x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(100 + i)) + 3.0
+        model.train()(x).sum().backward()
+        optimizer.step()
+        ns.after_step(model, x)
+    window = {k: v.clone() for k, v in model.state_dict().items() if ".past_" in k}
+    assert window and all(float(v.abs().sum()) > 0 for k, v in window.items() if k.endswith("past_mean"))
+    as_bn = ns.convert(bn_model(), to="bn")
+    as_bn.load_state_dict({k: v for k, v in model.state_dict().items() if k in as_bn.state_dict()})
+    batches = [torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    ns.recalibrate_bn(model, batches)
+    ns.recalibrate_bn(as_bn, batches)
+    for name in ("1", "4"):
+        for stat in ("running_mean", "running_var"):
+            torch.testing.assert_close(getattr(model.get_submodule(name), stat),
+                                       getattr(as_bn.get_submodule(name), stat), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in window.items())
+    # the check can fail: through the window, the second layer sees other statistics
+    through_window = copy.deepcopy(model)
+    for layer in through_window.modules():
+        if isinstance(layer, ns.layers.CrossIterationBatchNorm):
+            layer.begin_recalibration = lambda: None
+    ns.recalibrate_bn(through_window, batches)
+    assert not torch.allclose(through_window[4].running_var, as_bn[4].running_var, rtol=1e-2)

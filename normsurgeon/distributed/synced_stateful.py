@@ -42,7 +42,7 @@ class SyncedCrossIterationBatchNorm(SyncedStatistics, CrossIterationBatchNorm):
         tap, self._tap = self._tap, None
         self._note_training_forward()
         self._check_input_dim(x)
-        if self.window == 1 or self._burning_in:
+        if self.window == 1 or self._burning_in or self._recalibrating:
             return synced_batch_norm(self, x)  # BatchNorm exactly, over every rank
         if x.ndim != 4:
             raise ValueError(f"{self._where()} expects the (N, C, H, W) output of a Conv2d, got {tuple(x.shape)}")
