@@ -13,8 +13,8 @@ timers (a few wrapped calls per conversion, microseconds of overhead):
   find      the module walk that finds the norm sites (sites.find_sites)
   trace     torch.fx tracing with progressive leafing (tracing.trace)
   graph     call counts / functional norms from the graph (sites._annotate_with_graph)
-  probe     one forward on meta tensors recording input shapes (probe.meta_forward; norm sites
-            run once per computation and input shape, repeats reuse the shape)
+  probe     one forward on meta tensors recording input shapes (probe.meta_forward; the norm
+            sites check their input's channels and pass its shape on instead of running)
   functional  functional norm calls made sites: their modules traced alone (functional_sites)
   context   the graph context the targets ask for: eval-mode trace, pairings, shortcuts,
             producers (pipeline._contexts)

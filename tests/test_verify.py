@@ -1,8 +1,9 @@
 """convert's checks before install: each new module on meta tensors at the shapes of its site.
 
 Checks run once per distinct computation (class, settings, tensor shapes) and input shape; a
-layer's name (CBN's conv name) does not make it distinct, a setting does. The shape probe runs norm
-sites once per computation and input shape, which must record the same shapes as running them all.
+layer's name (CBN's conv name) does not make it distinct, a setting does. The shape probe passes the
+norm sites' shapes through after checking their channels, which must record the same shapes as
+running them, and fail where running them fails.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import normsurgeon as ns
 from normsurgeon.surgery import pipeline
 from normsurgeon.surgery.graph.probe import meta_forward
 from normsurgeon.surgery import Built, ConversionError, register_target, unregister_target
-from normsurgeon.surgery.graph.sites import find_sites
+from normsurgeon.surgery.graph.sites import _shape_rules, find_sites
 
 
 class Picky(nn.Module):
@@ -86,16 +87,17 @@ def test_layers_that_differ_only_in_their_names_are_checked_once(monkeypatch):
 
 @pytest.mark.parametrize("name, size", [("resnet18", 64), ("efficientnet_b0", 64), ("convnext_atto", 64),
                                         ("vit_tiny_patch16_224", 224), ("regnetz_b16_evos", 64)])
-def test_running_norms_once_per_shape_records_the_shapes_of_running_them_all(name, size):
+def test_passing_norms_through_records_the_shapes_of_running_them(name, size):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = timm.create_model(name, pretrained=False)
     watch = {n: s.module for s in find_sites(model) for n in s.names}
     example = torch.zeros(2, 3, size, size)
     run = meta_forward(model, example, watch, train=False)
-    once = meta_forward(model, example, watch, train=False, once_per_shape=watch.values())
-    assert run.error is None and once.error is None
-    assert len(run.shapes) == len(watch) and once.shapes == run.shapes
+    rules = _shape_rules(find_sites(model))
+    passed = meta_forward(model, example, watch, train=False, pass_through=rules)
+    assert run.error is None and passed.error is None  # (EvoNorm sites are unsupported: they run)
+    assert len(run.shapes) == len(watch) and passed.shapes == run.shapes
     assert all("forward" not in m.__dict__ for m in watch.values())  # the wrapper is removed
 
 
@@ -108,17 +110,13 @@ def test_a_norm_that_does_not_fit_the_probe_input_still_fails_the_probe():
     assert "the model does not run on meta tensors" in new.normsurgeon_report.verify
 
 
-def test_the_probe_runs_each_kind_of_norm_once_per_input_shape(monkeypatch):
-    """resnet18's 20 BatchNorms are 8 kinds × input shapes (channels and resolution go together)."""
+def test_the_probe_does_not_run_the_norms_it_passes_through(monkeypatch):
     model = timm.create_model("resnet18", pretrained=False)
-    watch = {n: s.module for s in find_sites(model) for n in s.names}
+    sites = find_sites(model)
+    watch = {n: s.module for s in sites for n in s.names}
     calls = []
     original = torch.nn.functional.batch_norm
-
-    def counting(x, *args, **kwargs):
-        calls.append(tuple(x.shape))
-        return original(x, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "batch_norm", counting)
-    meta_forward(model, torch.zeros(2, 3, 64, 64), watch, once_per_shape=watch.values())
-    assert len(watch) == 20 and len(calls) == len(set(calls)) < 20
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    result = meta_forward(model, torch.zeros(2, 3, 64, 64), watch, pass_through=_shape_rules(sites))
+    assert len(watch) == 20 and len(result.shapes) == 20 and not calls
+    assert meta_forward(model, torch.zeros(2, 3, 64, 64), watch).shapes == result.shapes and len(calls) == 20

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -109,28 +108,24 @@ def computation_key(module: nn.Module) -> tuple:
 
 
 @contextlib.contextmanager
-def _running_once_per_shape(modules: list[nn.Module]):
-    """Each of ``modules`` runs once per (computation key, input shape, dtype, mode); a later call with
-    the same ones returns an empty meta tensor of the output shape it gave (an instance ``forward``,
-    removed on exit)."""
-    outputs: dict[tuple, tuple] = {}
-    saved = [(m, m.__dict__.get("forward")) for m in modules]
+def _passing_through(channels: dict[nn.Module, tuple[int, bool]]):
+    """Each module of ``channels`` ({module: (C, channels_last)}, registered normalization sources)
+    returns a meta tensor of its input's shape instead of running, after checking that the input
+    has C channels on its channel axis, as the module would (an instance ``forward``, removed on
+    exit). A normalization maps its input to an output of the same shape."""
+    saved = [(m, m.__dict__.get("forward")) for m in channels]
 
-    def once(module, key, forward):
-        def run(x, *args, **kwargs):
-            case = (key, tuple(x.shape), x.dtype, module.training) if isinstance(x, torch.Tensor) \
-                and not args and not kwargs else None
-            if case in outputs:
-                shape, dtype = outputs[case]
-                return x.new_empty(shape, dtype=dtype)
-            out = forward(x, *args, **kwargs)
-            if case is not None and isinstance(out, torch.Tensor):
-                outputs[case] = (tuple(out.shape), out.dtype)
-            return out
-        return run
+    def through(module, c, last):
+        def forward(x, *args, **kwargs):
+            axis = -1 if last else 1
+            if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[axis] != c:
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"{type(module).__name__} expects {c} channels on axis {axis}, got input {shape}")
+            return x.new_empty(x.shape)
+        return forward
 
-    for m in modules:
-        m.forward = once(m, computation_key(m), m.forward)
+    for m, (c, last) in channels.items():
+        m.forward = through(m, c, last)
     try:
         yield
     finally:
@@ -142,13 +137,12 @@ def _running_once_per_shape(modules: list[nn.Module]):
 
 
 def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Module],
-                 train: bool = False, once_per_shape: Iterable[nn.Module] = ()) -> ProbeResult:
+                 train: bool = False, pass_through: dict[nn.Module, tuple[int, bool]] | None = None) -> ProbeResult:
     """Run ``model`` on meta copies of its tensors and ``example``; record inputs of ``watch``.
 
-    ``once_per_shape``: modules (the norm sites) of which those computing the same thing
-    (``computation_key``) run once per input shape; repeats return a meta tensor of the shape they gave. Their meta kernels are the
-    probe's cost (BatchNorm's is a Python decomposition, ~0.6 ms a call; ResNet-50 has 53 BatchNorms
-    of 12 kinds).
+    ``pass_through``: {module: (C, channels_last)} of the normalization sources, which check their
+    input's channels and pass its shape on instead of running: their meta kernels were most of the
+    probe's cost (BatchNorm's is a Python decomposition, ~0.6 ms a call; ResNet-50 has 53).
     """
     result = ProbeResult()
     handles = []
@@ -166,7 +160,7 @@ def meta_forward(model: nn.Module, example: torch.Tensor, watch: dict[str, nn.Mo
         handles.append(module.register_forward_hook(record))
     try:
         with preserved(model), torch.no_grad(), on_meta(model), \
-                _running_once_per_shape(list({id(m): m for m in once_per_shape}.values())):
+                _passing_through(pass_through or {}):
             model.train(train)
             model(example.to("meta"))
     except Exception as exc:  # noqa: BLE001  (reported to the caller)

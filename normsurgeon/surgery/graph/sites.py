@@ -115,14 +115,14 @@ def analyze(model: nn.Module, input_size: tuple[int, ...] | None = None,
     if probe:
         size = tuple(input_size) if input_size else default_input_size(model)
         example = torch.zeros((2,) + size)
-        norms = [s.module for s in sites]
+        norms = _shape_rules(sites)
         watch = {n: s.module for s in sites for n in s.names}
         # the modules whose forward calls F.layer_norm & co.: their inputs, to probe those calls later
         owners = {OWNER_PREFIX + c["module"]: model.get_submodule(c["module"]) for c in functional}
-        shapes = meta_forward(model, example, {**watch, **owners}, train=False, once_per_shape=norms)
+        shapes = meta_forward(model, example, {**watch, **owners}, train=False, pass_through=norms)
         missed = {n: m for n, m in watch.items() if n not in shapes.shapes}
         if missed and not shapes.error:  # train-only branches (auxiliary heads): probe them too
-            extra = meta_forward(model, example, missed, train=True, once_per_shape=norms)
+            extra = meta_forward(model, example, missed, train=True, pass_through=norms)
             shapes.shapes.update(extra.shapes)
         for site in sites:
             for n in site.names:
@@ -131,3 +131,18 @@ def analyze(model: nn.Module, input_size: tuple[int, ...] | None = None,
 
 
 OWNER_PREFIX = "owner:"  # probe keys of the modules owning functional norm calls
+
+
+def _shape_rules(sites: list[Site]) -> dict[nn.Module, tuple[int, bool]]:
+    """{module: (C, channels_last)} of every site whose source reads: what the probe checks instead
+    of running it (sources that cannot be read run as they are)."""
+    rules = {}
+    for site in sites:
+        if site.match.reader is None:
+            continue
+        try:
+            source = site.match.reader(site.module)
+        except Exception:  # noqa: BLE001  (reported by the conversion; here it just runs)
+            continue
+        rules[site.module] = (source.num_channels, source.channels_last)
+    return rules
