@@ -27,6 +27,17 @@ def one_rank_group(tmp_path):
     dist.destroy_process_group()
 
 
+def run_two_ranks(worker, tmp_path, limit_s: int) -> None:
+    """Spawn ``worker(rank, 2, init_file, out_dir)`` on 2 ranks; fail (killing them) if they hang."""
+    context = mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks hung")
+
+
 def test_without_a_process_group_says_how_to_start_one():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group.*torchrun|torchrun.*init_process_group"):
@@ -98,14 +109,7 @@ def test_torch_and_timm_batchnorms_are_refused_not_left_local(one_rank_group):
 
 
 def test_ranks_that_disagree_on_layer_shapes_raise_on_every_rank_without_hanging(tmp_path):
-    context = mp.spawn(workers.disagreeing_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks hung")
+    run_two_ranks(workers.disagreeing_rank, tmp_path, limit_s=300)
     for rank in range(2):
         message = (tmp_path / f"message_{rank}.txt").read_text()
         assert "ranks disagree" in message and "(4,)" in message and "BatchGroupNorm" in message, message
@@ -138,14 +142,7 @@ def test_channels_last_layout_synced_in_a_group_of_one_equals_the_local_layer(on
 def test_recalibration_with_uneven_batch_counts_stops_at_the_shortest_rank_without_hanging(tmp_path):
     """Rank 0 has 3 batches, rank 1 has 2: both stop after 2 (rank 0 warns that it left one unread),
     with the statistics of one process over the first two batches of both ranks."""
-    context = mp.spawn(workers.uneven_recalibration_rank, args=(2, str(tmp_path / "init"), str(tmp_path)),
-                       nprocs=2, join=False)
-    deadline = time.monotonic() + 120  # ~10 s when it works
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks hung")
+    run_two_ranks(workers.uneven_recalibration_rank, tmp_path, limit_s=120)
     reference = workers.build("bn")
     both = [workers.uneven_batches(r) for r in range(2)]
     ns.recalibrate_bn(reference, [torch.cat([both[0][i], both[1][i]]) for i in range(2)])
@@ -158,14 +155,7 @@ def test_recalibration_with_uneven_batch_counts_stops_at_the_shortest_rank_witho
 
 
 def test_finetune_evaluates_over_every_ranks_eval_shard_and_the_ranks_keep_the_same_best_state(tmp_path):
-    context = mp.spawn(workers.sharded_eval_rank, args=(2, str(tmp_path / "init"), str(tmp_path)),
-                       nprocs=2, join=False)
-    deadline = time.monotonic() + 120  # ~15 s when it works
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks hung")
+    run_two_ranks(workers.sharded_eval_rank, tmp_path, limit_s=120)
     results = [torch.load(tmp_path / f"sharded_eval_{r}.pt") for r in range(2)]
     evals = [[row for row in r["history"] if "eval_accuracy" in row] for r in results]
     assert evals[0] == evals[1] and len(evals[0]) == 7  # the start and 6 steps, the same on both ranks
