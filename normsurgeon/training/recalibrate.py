@@ -14,10 +14,11 @@ head that the forward skips) are kept too. Every other buffer of the model (cros
 memories, counters of stateful layers) is restored afterwards, and train/eval flags are
 restored.
 
-A layer whose running statistics are derived from other state (Memorized BN mirrors its
-memory into them) implements ``begin_recalibration()`` and ``end_recalibration(completed)``:
-it accumulates its own population statistics over the forwards in between and owns all its
-buffers (they are not restored here).
+A layer that must not recalibrate through its training forward implements
+``begin_recalibration()`` and ``end_recalibration(completed)`` and owns all its buffers in
+between (they are not restored here): Memorized BN mirrors its memory into the running
+statistics, so it accumulates its own population statistics; Cross-Iteration BN normalizes as
+plain BatchNorm meanwhile (its window, frozen without gradients, would shift every batch).
 
 Under torchrun (a process group of 2 or more ranks) the model's layers are synchronized for the
 recalibration (``normsurgeon.sync_statistics``, in place, undone at the end): every batch statistic
